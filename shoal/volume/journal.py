@@ -1,0 +1,192 @@
+"""The metadata journal: records, group commit, replay scan (docs/FORMAT.md §4).
+
+Writers call :meth:`Journal.submit` while holding the metadata lock (so log order is
+apply order) and then :meth:`Journal.wait` without it. The first waiter to find no
+write in progress becomes the leader: it writes every pending transaction as one
+record, ``fdatasync``s, and wakes the others (group commit). A transaction is
+acknowledged only when ``wait`` returns.
+
+An optional ``guard`` callable runs before every record write; the coordinator uses it
+to re-check that its epoch is still current and stop writing if it is not.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shoal.volume import ops
+from shoal.volume.device import Device
+from shoal.volume.errors import VolumeCorrupt, VolumeError
+from shoal.volume.layout import BLOCK, Superblock
+
+MAGIC = b"SHOALJRN"
+_HEAD = struct.Struct("<8s16sQQII")  # magic uuid seq epoch payload_len op_count
+_CRC = struct.Struct("<II")
+HEADER_SIZE = _HEAD.size + _CRC.size
+assert HEADER_SIZE == 56
+
+
+def record_size(payload_len: int) -> int:
+    return (HEADER_SIZE + payload_len + BLOCK - 1) // BLOCK * BLOCK
+
+
+def encode_record(uuid: bytes, seq: int, epoch: int, payload: bytes, count: int) -> bytes:
+    head = _HEAD.pack(MAGIC, uuid, seq, epoch, len(payload), count)
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    rec = head + _CRC.pack(crc, 0) + payload
+    return rec + bytes(record_size(len(payload)) - len(rec))
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int
+    seq: int
+    epoch: int
+    ops: list[ops.Op]
+    size: int
+
+
+def _read_record(device: Device, sb: Superblock, pos: int) -> tuple[str, Record | None]:
+    """Classify the record at ``pos``: ('ok', rec), ('none', None) or ('bad', None)."""
+    base = sb.journal_offset + pos
+    block = device.pread(base, BLOCK)
+    if block[:8] != MAGIC or block[8:24] != sb.uuid:
+        return "none", None
+    _, _, seq, epoch, plen, count = _HEAD.unpack_from(block)
+    size = record_size(plen)
+    if pos + size > sb.journal_size:
+        return "bad", None
+    data = block if size == BLOCK else device.pread(base, size)
+    crc = _CRC.unpack_from(data, _HEAD.size)[0]
+    payload = data[HEADER_SIZE : HEADER_SIZE + plen]
+    if zlib.crc32(payload, zlib.crc32(data[: _HEAD.size])) != crc:
+        return "bad", Record(pos, seq, epoch, [], size)
+    return "ok", Record(pos, seq, epoch, ops.decode_all(payload, count), size)
+
+
+@dataclass
+class ScanResult:
+    records: list[Record]
+    end: int  # where the next record goes
+    damage: str | None  # a sentence when a record in the middle is damaged
+
+
+def scan(device: Device, sb: Superblock, after_seq: int) -> ScanResult:
+    """Find the records that follow checkpoint ``after_seq``, in order."""
+    records: list[Record] = []
+    pos, expect = 0, after_seq + 1
+    while pos < sb.journal_size:
+        kind, rec = _read_record(device, sb, pos)
+        if kind != "ok" or rec is None or rec.seq != expect:
+            break
+        records.append(rec)
+        pos += rec.size
+        expect += 1
+    damage = None
+    # a valid record beyond the end with a seq we have not reached proves mid-log damage
+    probe = pos + BLOCK
+    while probe < sb.journal_size:
+        kind, rec = _read_record(device, sb, probe)
+        if kind == "ok" and rec is not None and rec.seq > expect:
+            damage = (
+                f"journal record {expect} at byte {sb.journal_offset + pos} is damaged; "
+                f"{rec.seq - expect} later records cannot be replayed"
+            )
+            break
+        probe += rec.size if kind == "ok" and rec is not None else BLOCK
+    return ScanResult(records, pos, damage)
+
+
+class JournalBroken(VolumeError):
+    """A journal write failed: in-memory state is ahead of the disk; reopen the volume."""
+
+
+class Journal:
+    def __init__(self, device: Device, sb: Superblock, *, start: int, next_seq: int, epoch: int,
+                 guard: Callable[[], None] | None = None):
+        self.device = device
+        self.sb = sb
+        self.pos = start
+        self.next_seq = next_seq
+        self.epoch = epoch
+        self.guard = guard
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[bytes] = []
+        self._pending_ops = 0
+        self._pending_bytes = 0
+        self._submitted = 0
+        self._durable = 0
+        self._writing = False
+        self._failed: BaseException | None = None
+        self.records_written = 0
+
+    @property
+    def used(self) -> int:
+        return self.pos + self._pending_bytes
+
+    def submit(self, batch: list[ops.Op]) -> int:
+        """Queue one transaction; returns its ticket for :meth:`wait`."""
+        payload = b"".join(ops.encode(op) for op in batch)
+        with self._cond:
+            if self._failed:
+                raise JournalBroken("the volume's journal could not be written; reopen the volume") from self._failed
+            self._pending.append(payload)
+            self._pending_ops += len(batch)
+            self._pending_bytes += len(payload)
+            self._submitted += 1
+            return self._submitted
+
+    def wait(self, ticket: int) -> None:
+        """Return once transaction ``ticket`` is durable."""
+        with self._cond:
+            while self._durable < ticket:
+                if self._failed:
+                    raise JournalBroken("the volume's journal could not be written; reopen the volume") from self._failed
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                self._write_pending_locked()
+
+    def flush_all(self) -> None:
+        with self._cond:
+            target = self._submitted
+        self.wait(target)
+
+    def _write_pending_locked(self) -> None:
+        payload = b"".join(self._pending)
+        count, last = self._pending_ops, self._submitted
+        self._pending, self._pending_ops, self._pending_bytes = [], 0, 0
+        self._writing = True
+        self._cond.release()
+        try:
+            if self.guard:
+                self.guard()
+            rec = encode_record(self.sb.uuid, self.next_seq, self.epoch, payload, count)
+            if self.pos + len(rec) > self.sb.journal_size:
+                raise VolumeCorrupt("the journal overflowed before a checkpoint", what="journal")
+            self.device.pwrite(self.sb.journal_offset + self.pos, rec)
+            self.device.flush()
+        except BaseException as err:
+            self._cond.acquire()
+            self._failed = err
+            self._writing = False
+            self._cond.notify_all()
+            raise JournalBroken("the volume's journal could not be written; reopen the volume") from err
+        self._cond.acquire()
+        self.pos += len(rec)
+        self.next_seq += 1
+        self.records_written += 1
+        self._durable = last
+        self._writing = False
+        self._cond.notify_all()
+
+    def restart(self, next_seq: int) -> None:
+        """After a checkpoint: the next record goes to offset 0."""
+        with self._cond:
+            assert not self._pending and not self._writing
+            self.pos = 0
+            self.next_seq = next_seq

@@ -1,0 +1,235 @@
+"""The lease area: coordinator lease and liveness slots (docs/FORMAT.md §3).
+
+Delta leases in the spirit of sanlock: a holder proves it is alive by advancing the
+counter in its own slot; an observer judges "did it change?" on its *own* monotonic
+clock and never compares clocks with other hosts. All timing derives from one
+``io_timeout_s`` (T): renew every 2T, a holder stops metadata writes after 4T without a
+successful renewal, observers may take over after 8T without change.
+
+This module holds the encodings and the offline-tool lease (:class:`OfflineLease`),
+which is what keeps ``shoal volume fsck`` and ``shoal file …`` off a volume a cluster
+is using. The cluster's own use of the lease (election, epochs) builds on the same
+records in the coordinator package.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from shoal.volume.device import Device
+from shoal.volume.errors import VolumeCorrupt, VolumeInUse
+from shoal.volume.layout import BLOCK, LEASE_SECTORS, Superblock
+
+LEASE_MAGIC = b"SHOALCLS"
+SLOT_MAGIC = b"SHOALNSL"
+MAX_NODES = 64
+OFFLINE_OWNER = 65
+FREE = 0
+DEFAULT_IO_TIMEOUT_S = 1.0
+
+_LEASE = struct.Struct("<8sIIQQ64s64s")
+_SLOT = struct.Struct("<8sIIQQI28s64s64s")
+RELEASED = 1
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """Lease timing derived from the I/O timeout (FORMAT.md §3.3)."""
+
+    io_timeout_s: float = DEFAULT_IO_TIMEOUT_S
+
+    @property
+    def renew_interval_s(self) -> float:
+        return 2 * self.io_timeout_s
+
+    @property
+    def holder_stop_s(self) -> float:
+        return 4 * self.io_timeout_s
+
+    @property
+    def expiry_s(self) -> float:
+        return 8 * self.io_timeout_s
+
+
+def _seal(body: bytes) -> bytes:
+    padded = body + bytes(BLOCK - 4 - len(body))
+    return padded + struct.pack("<I", zlib.crc32(padded))
+
+
+def _sector_ok(block: bytes) -> bool:
+    return zlib.crc32(block[: BLOCK - 4]) == struct.unpack_from("<I", block, BLOCK - 4)[0]
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class CoordinatorLease:
+    owner: int = FREE
+    io_timeout_ms: int = int(DEFAULT_IO_TIMEOUT_S * 1000)
+    epoch: int = 0
+    owner_generation: int = 0
+    cluster: str = ""
+    owner_host: str = ""
+
+    def encode(self) -> bytes:
+        return _seal(_LEASE.pack(LEASE_MAGIC, self.owner, self.io_timeout_ms, self.epoch,
+                                 self.owner_generation, self.cluster.encode()[:64],
+                                 self.owner_host.encode()[:64]))
+
+    @classmethod
+    def decode(cls, block: bytes) -> CoordinatorLease:
+        if block == bytes(BLOCK):
+            return cls()
+        if block[:8] != LEASE_MAGIC or not _sector_ok(block):
+            raise VolumeCorrupt("the coordinator lease sector is damaged (bad checksum)", what="coordinator lease")
+        _, owner, io_ms, epoch, gen, cluster, host = _LEASE.unpack_from(block)
+        return cls(owner, io_ms, epoch, gen, _text(cluster), _text(host))
+
+    def owner_name(self) -> str:
+        if self.owner == OFFLINE_OWNER:
+            return f"an offline tool on {self.owner_host}"
+        return f"node{self.owner}" + (f" ({self.owner_host})" if self.owner_host else "")
+
+
+@dataclass(frozen=True)
+class LivenessSlot:
+    node_id: int = 0
+    io_timeout_ms: int = int(DEFAULT_IO_TIMEOUT_S * 1000)
+    generation: int = 0
+    counter: int = 0
+    flags: int = 0
+    cluster: str = ""
+    host: str = ""
+
+    def encode(self) -> bytes:
+        return _seal(_SLOT.pack(SLOT_MAGIC, self.node_id, self.io_timeout_ms, self.generation,
+                                self.counter, self.flags, bytes(28), self.cluster.encode()[:64],
+                                self.host.encode()[:64]))
+
+    @classmethod
+    def decode(cls, block: bytes, node_id: int) -> LivenessSlot:
+        if block == bytes(BLOCK):
+            return cls(node_id=node_id)
+        if block[:8] != SLOT_MAGIC or not _sector_ok(block):
+            raise VolumeCorrupt(f"liveness slot {node_id} is damaged (bad checksum)", what=f"liveness slot {node_id}")
+        _, nid, io_ms, gen, counter, flags, _, cluster, host = _SLOT.unpack_from(block)
+        return cls(nid, io_ms, gen, counter, flags, _text(cluster), _text(host))
+
+
+class LeaseArea:
+    """Reads and writes the 66 lease sectors of one volume, one whole sector at a time."""
+
+    def __init__(self, device: Device, sb: Superblock):
+        self.device = device
+        self.offset = sb.lease_offset
+
+    def _sector(self, n: int) -> int:
+        assert 0 <= n < LEASE_SECTORS
+        return self.offset + n * BLOCK
+
+    def read_lease(self) -> CoordinatorLease:
+        return CoordinatorLease.decode(self.device.pread(self._sector(0), BLOCK))
+
+    def write_lease(self, lease: CoordinatorLease) -> None:
+        self.device.pwrite(self._sector(0), lease.encode())
+        self.device.flush()
+
+    def read_slot(self, node_id: int) -> LivenessSlot:
+        return LivenessSlot.decode(self.device.pread(self._sector(node_id), BLOCK), node_id)
+
+    def write_slot(self, slot: LivenessSlot) -> None:
+        self.device.pwrite(self._sector(slot.node_id), slot.encode())
+        self.device.flush()
+
+    def owner_alive(
+        self,
+        lease: CoordinatorLease,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_s: float = 0.1,
+    ) -> bool:
+        """Watch the owner's slot for up to the expiry time; True as soon as it advances."""
+        if lease.owner == FREE:
+            return False
+        first = self.read_slot(lease.owner)
+        if first.flags & RELEASED:
+            return False
+        deadline = clock() + LeaseTiming(lease.io_timeout_ms / 1000).expiry_s
+        while clock() < deadline:
+            sleep(poll_s)
+            now = self.read_slot(lease.owner)
+            if (now.generation, now.counter) != (first.generation, first.counter):
+                return True
+        return False
+
+
+def in_use_error(lease: CoordinatorLease, volume_name: str) -> VolumeInUse:
+    cluster = lease.cluster or "(unnamed)"
+    return VolumeInUse(
+        f"volume {volume_name or '(unnamed)'} is in use by cluster {cluster}, coordinator "
+        f"{lease.owner_name()}; stop the cluster first, or run the online command from a node",
+        cluster=cluster,
+        owner=lease.owner_name(),
+    )
+
+
+class OfflineLease:
+    """The lease an offline tool holds while it writes a volume (owner 65).
+
+    ``acquire`` refuses with :class:`VolumeInUse` when the lease is held by a live
+    owner; it takes over a lease whose owner's slot stopped advancing. A thread renews
+    slot 65 every 2T while the tool runs; ``release`` gives the lease back.
+    """
+
+    def __init__(self, area: LeaseArea, volume_name: str, *, timing: LeaseTiming | None = None):
+        self.area = area
+        self.volume_name = volume_name
+        self.timing = timing or LeaseTiming()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._slot = LivenessSlot(node_id=OFFLINE_OWNER)
+        self.lease: CoordinatorLease | None = None
+        self.took_over_from: str | None = None
+
+    def acquire(self) -> None:
+        current = self.area.read_lease()
+        if current.owner != FREE:
+            if self.area.owner_alive(current):
+                raise in_use_error(current, self.volume_name)
+            self.took_over_from = current.owner_name()
+        old = self.area.read_slot(OFFLINE_OWNER)
+        host = socket.gethostname()
+        self._slot = LivenessSlot(OFFLINE_OWNER, int(self.timing.io_timeout_s * 1000),
+                                  old.generation + 1, 0, 0, current.cluster, host)
+        self.area.write_slot(self._slot)
+        self.lease = CoordinatorLease(OFFLINE_OWNER, int(self.timing.io_timeout_s * 1000),
+                                      current.epoch + 1, self._slot.generation, current.cluster, host)
+        self.area.write_lease(self.lease)
+        self._thread = threading.Thread(target=self._renew, name="offline-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.timing.renew_interval_s):
+            self._slot = replace(self._slot, counter=self._slot.counter + 1)
+            try:
+                self.area.write_slot(self._slot)
+            except Exception:  # noqa: BLE001 - a failed renewal only lets the lease expire
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if self.lease is not None:
+            self.area.write_slot(replace(self._slot, flags=RELEASED))
+            self.area.write_lease(replace(self.lease, owner=FREE, owner_host=""))
+            self.lease = None

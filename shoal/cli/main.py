@@ -17,6 +17,10 @@ COMMAND_MODULES = [
     "shoal.volume.cli",
     "shoal.nbd.cli",
     "shoal.cli.demo",
+    "shoal.config.cli",
+    "shoal.agent.cli",
+    "shoal.netft.cli",
+    "shoal.lab.cli",
 ]
 
 

@@ -70,7 +70,7 @@ def _defrag_file(vol: Volume, path: str, result: DefragResult, progress: Callabl
                 dest += count
             vol.device.flush()
             with vol._lock:
-                ticket = vol._log(batch)
+                ticket = vol._log(batch, data_first=True)
                 vol._reserved.pop(start, None)
         except BaseException:
             vol._unreserve(reserved, free=True)

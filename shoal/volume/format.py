@@ -87,7 +87,13 @@ def format_volume(path: str, size: int | None = None, *, unit_size: int = 1 << 2
         except ValueError as err:
             raise UsageError(str(err)) from err
         if not is_block:
-            os.ftruncate(device.fd, sb.volume_size)
+            try:
+                os.ftruncate(device.fd, sb.volume_size)
+            except OSError as err:
+                raise UsageError(
+                    f"cannot make {path} {sb.volume_size} bytes long ({err.strerror}); the filesystem "
+                    "holding it does not allow files that large: use a block device, or a file on xfs or tmpfs"
+                ) from err
             device.size = sb.volume_size
         _write_new(device, sb)
         return sb

@@ -123,6 +123,9 @@ def fsck(path: str, *, repair: bool = False) -> Report:
 def _check_superblocks(device: Device, report: Report) -> Superblock | None:
     copies: dict[str, Superblock] = {}
     errors: dict[str, VolumeError] = {}
+    if device.size < 2 * BLOCK:
+        report.error = f"{device.path} is not a shoal volume (it is only {device.size} bytes long)"
+        return None
     for where, offset in (("primary superblock", 0), ("backup superblock", device.size - BLOCK)):
         try:
             copies[where] = Superblock.decode(device.pread(offset, BLOCK), where)

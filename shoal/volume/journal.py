@@ -116,6 +116,7 @@ class Journal:
         self.guard = guard
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[bytes] = []
+        self._pending_data = False
         self._pending_ops = 0
         self._pending_bytes = 0
         self._submitted = 0
@@ -128,12 +129,18 @@ class Journal:
     def used(self) -> int:
         return self.pos + self._pending_bytes
 
-    def submit(self, batch: list[ops.Op]) -> int:
-        """Queue one transaction; returns its ticket for :meth:`wait`."""
+    def submit(self, batch: list[ops.Op], *, data_first: bool = False) -> int:
+        """Queue one transaction; returns its ticket for :meth:`wait`.
+
+        ``data_first``: the batch maps units whose data was just written; the leader
+        flushes the device before writing the record, so on power loss a map can never
+        reach the disk ahead of the data it points at.
+        """
         payload = b"".join(ops.encode(op) for op in batch)
         with self._cond:
             if self._failed:
                 raise JournalBroken("the volume's journal could not be written; reopen the volume") from self._failed
+            self._pending_data = self._pending_data or data_first
             self._pending.append(payload)
             self._pending_ops += len(batch)
             self._pending_bytes += len(payload)
@@ -158,13 +165,16 @@ class Journal:
 
     def _write_pending_locked(self) -> None:
         payload = b"".join(self._pending)
-        count, last = self._pending_ops, self._submitted
+        count, last, data_first = self._pending_ops, self._submitted, self._pending_data
         self._pending, self._pending_ops, self._pending_bytes = [], 0, 0
+        self._pending_data = False
         self._writing = True
         self._cond.release()
         try:
             if self.guard:
                 self.guard()
+            if data_first:
+                self.device.flush()
             rec = encode_record(self.sb.uuid, self.next_seq, self.epoch, payload, count)
             if self.pos + len(rec) > self.sb.journal_size:
                 raise VolumeCorrupt("the journal overflowed before a checkpoint", what="journal")

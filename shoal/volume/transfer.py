@@ -36,19 +36,20 @@ def _data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def _nonzero_runs(buf: bytes, unit: int, zero: bytes) -> Iterator[tuple[int, int]]:
-    """(start, end) byte runs of ``buf`` made of units that are not all zero."""
+def _nonzero_runs(buf: bytes | bytearray, length: int, unit: int, zero: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) byte runs of ``buf[:length]`` made of units that are not all zero."""
     run_start = None
-    for off in range(0, len(buf), unit):
-        piece = buf[off : off + unit]
-        is_zero = piece == (zero if len(piece) == unit else bytes(len(piece)))
+    for off in range(0, length, unit):
+        n = min(unit, length - off)
+        # startswith compares in place (memcmp); slicing a memoryview to compare is 50x slower
+        is_zero = buf.startswith(zero if n == unit else bytes(n), off)
         if not is_zero and run_start is None:
             run_start = off
         elif is_zero and run_start is not None:
             yield run_start, off
             run_start = None
     if run_start is not None:
-        yield run_start, len(buf)
+        yield run_start, length
 
 
 def _source_size(fd: int, path: str) -> int:
@@ -77,13 +78,18 @@ def import_file(vol: Volume, src: str, dst: str, *, preallocate: bool = False, f
         U = vol.sb.unit_size
         zero = bytes(U)
         written = 0
+        chunk = max(CHUNK // U, 1) * U
+        buf = bytearray(chunk)
+        view = memoryview(buf)
         for start, end in _data_segments(fd, size):
             pos = start // U * U
             while pos < end:
-                n = min(CHUNK, end - pos, size - pos)
-                buf = os.pread(fd, n, pos)
-                for a, b in _nonzero_runs(buf, U, zero):
-                    f.pwrite(pos + a, memoryview(buf)[a:b])
+                n = min(chunk, end - pos, size - pos)
+                got = os.preadv(fd, [view[:n]], pos)
+                if got < n:
+                    view[got:n] = bytes(n - got)
+                for a, b in _nonzero_runs(buf, n, U, zero):
+                    f.pwrite(pos + a, view[a:b], durable=False)
                     written += b - a
                 if progress:
                     progress(n)
@@ -117,7 +123,7 @@ def export_file(vol: Volume, src: str, dst: str, *, force: bool = False,
             while pos < end:
                 n = min(CHUNK, end - pos)
                 buf = f.pread(pos, n)
-                for a, b in _nonzero_runs(buf, U, zero):
+                for a, b in _nonzero_runs(buf, len(buf), U, zero):
                     os.pwrite(fd, memoryview(buf)[a:b], pos + a)
                     written += b - a
                 if progress:

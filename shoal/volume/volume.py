@@ -117,6 +117,8 @@ class RWLock:
 def read_superblock(device: Device) -> tuple[Superblock, list[str]]:
     """Primary superblock, or the backup with a warning naming the damage."""
     warnings: list[str] = []
+    if device.size < 2 * BLOCK:
+        raise NotAVolume(f"{device.path} is not a shoal volume (it is only {device.size} bytes long)")
     try:
         primary = device.pread(0, BLOCK)
     except VolumeError:
@@ -225,14 +227,14 @@ class Volume:
         if not self.writable:
             raise VolumeError("the volume is open read-only")
 
-    def _log(self, batch: list[ops.Op]) -> int:
+    def _log(self, batch: list[ops.Op], *, data_first: bool = False) -> int:
         """Apply and queue ``batch``; caller holds ``_lock``. Returns the ticket."""
         if self._journal.used + sum(len(ops.encode(o)) for o in batch) + BLOCK > self.sb.journal_size // 2:
             self._checkpoint_locked()
         freed: list[tuple[int, int]] = []
         for op in batch:
             freed.extend(self.meta.apply(op))
-        ticket = self._journal.submit(batch)
+        ticket = self._journal.submit(batch, data_first=data_first)
         if freed:
             self._pending_free.append((ticket, freed))
         return ticket
@@ -379,17 +381,47 @@ class Volume:
                 if not exist_ok:
                     raise AlreadyExists(f"{path} already exists; remove it first or choose another name", path=path)
                 ino = existing.ino
-            else:
-                ino = self.meta.next_ino
-                self.meta.next_ino += 1
-                flags = ops.PREALLOCATED if preallocate else 0
-                ticket = self._log([ops.Create(ino, parent.ino, ops.FILE, flags, _now_ns(), name)])
         if existing is None:
-            self._wait(ticket)
+            return self._create_new(path, size, preallocate)
         f = VolumeFile(self, ino)
         if size != f.size:
             self.resize(path, size)
         return f
+
+    def _create_new(self, path: str, size: int, preallocate: bool) -> VolumeFile:
+        """CREATE, its units (thick) and SET_SIZE in one transaction: a crash or a full
+        volume leaves the file whole or absent, never empty."""
+        U = self.sb.unit_size
+        runs: list[tuple[int, int]] = []
+        if preallocate and size:
+            with self._lock:
+                runs = self._reserve(-(-size // U), None)
+        try:
+            for unit, n in runs:
+                self.device.write_zeroes(self.sb.unit_offset(unit), n * U)
+            with self._lock:
+                parent, name = self._parent_and_name(path)
+                if name in parent.children:
+                    raise AlreadyExists(f"{path} already exists; remove it first or choose another name", path=path)
+                ino = self.meta.next_ino
+                self.meta.next_ino += 1
+                now = _now_ns()
+                flags = ops.PREALLOCATED if preallocate else 0
+                batch: list[ops.Op] = [ops.Create(ino, parent.ino, ops.FILE, flags, now, name)]
+                pos = 0
+                for unit, n in runs:
+                    batch.append(ops.Map(ino, pos, unit, n))
+                    pos += n
+                if size:
+                    batch.append(ops.SetSize(ino, size, now))
+                ticket = self._log(batch)
+                for unit, _ in runs:
+                    self._reserved.pop(unit, None)
+        except BaseException:
+            self._unreserve(runs, free=True)
+            raise
+        self._wait(ticket)
+        return VolumeFile(self, ino)
 
     def open_file(self, path: str) -> VolumeFile:
         with self._lock:
@@ -554,8 +586,12 @@ class VolumeFile:
         finally:
             io.release_shared()
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at ``offset``; holes in the range are allocated first."""
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+        """Write ``data`` at ``offset``; holes in the range are allocated first.
+
+        ``durable=False`` returns before new allocations are on stable storage (as a disk
+        without FUA does); :meth:`flush` makes them durable. Bulk copies use it.
+        """
         self.vol._check_writable()
         length = len(data)
         if length == 0:
@@ -571,7 +607,7 @@ class VolumeFile:
                 self._write_mapped(segs, offset, view)
                 return
             with self.vol._alloc_lock(self.ino):
-                self._write_allocating(offset, view)
+                self._write_allocating(offset, view, durable)
         finally:
             io.release_shared()
 
@@ -580,7 +616,7 @@ class VolumeFile:
             assert lun is not None
             self.vol.device.pwrite(lun, view[s - offset : s - offset + n])
 
-    def _write_allocating(self, offset: int, view: memoryview) -> None:
+    def _write_allocating(self, offset: int, view: memoryview, durable: bool) -> None:
         """Allocate the holes of the range, fill them (data or zeros), then map them."""
         U = self.unit_size
         vol = self.vol
@@ -623,13 +659,14 @@ class VolumeFile:
                 vol.device.pwrite(lun, view[s - offset : s - offset + n])
             batch: list[ops.Op] = [ops.Map(self.ino, fu, unit, cnt) for fu, unit, cnt in new]
             with vol._lock:
-                ticket = vol._log(batch)
+                ticket = vol._log(batch, data_first=True)
                 for unit, _ in reserved:
                     vol._reserved.pop(unit, None)
         except BaseException:
             vol._unreserve(reserved, free=True)
             raise
-        vol._wait(ticket)
+        if durable:
+            vol._wait(ticket)
 
     def _free_units(self, first: int, count: int) -> None:
         """Unmap whole file units ``[first, first+count)`` (exclusive I/O lock held)."""
@@ -712,7 +749,7 @@ class VolumeFile:
                 tickets = []
                 for i in range(0, len(batch), MAX_OPS_PER_TXN):
                     with vol._lock:
-                        tickets.append(vol._log(batch[i : i + MAX_OPS_PER_TXN]))
+                        tickets.append(vol._log(batch[i : i + MAX_OPS_PER_TXN], data_first=bool(new)))
                 with vol._lock:
                     for unit, _ in reserved:
                         vol._reserved.pop(unit, None)
@@ -740,8 +777,12 @@ class VolumeFile:
         return new
 
     def flush(self) -> None:
-        self.vol._journal.flush_all()
+        """Make every write and allocation so far durable."""
         self.vol.device.flush()
+        self.vol._journal.flush_all()
+        if self.vol._pending_free:
+            with self.vol._lock:
+                self.vol._release_durable()
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_hole) runs covering the range, adjacent equals merged."""

@@ -648,15 +648,16 @@ class VolumeFile:
                 if uend > offset + length:
                     zs = max(offset + length, ustart)
                     vol.device.write_zeroes(base + (zs - ustart), uend - zs)
-            # the fresh units: where data falls into them, and the mapped parts as they are
-            fresh = {fu: (unit, cnt) for fu, unit, cnt in new}
+            # data: mapped parts where they are, the rest into the fresh runs (a hole may
+            # have been filled by several runs, so split by run, not by hole)
             for s, lun, n in segs:
-                if lun is None:
-                    fu = s // U
-                    start_fu = max(k for k in fresh if k <= fu)
-                    unit, _ = fresh[start_fu]
-                    lun = vol.sb.unit_offset(unit) + (s - start_fu * U)
-                vol.device.pwrite(lun, view[s - offset : s - offset + n])
+                if lun is not None:
+                    vol.device.pwrite(lun, view[s - offset : s - offset + n])
+            for fu, unit, cnt in new:
+                s = max(fu * U, offset)
+                e = min((fu + cnt) * U, offset + length)
+                if e > s:
+                    vol.device.pwrite(vol.sb.unit_offset(unit) + (s - fu * U), view[s - offset : e - offset])
             batch: list[ops.Op] = [ops.Map(self.ino, fu, unit, cnt) for fu, unit, cnt in new]
             with vol._lock:
                 ticket = vol._log(batch, data_first=True)

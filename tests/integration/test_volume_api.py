@@ -159,3 +159,27 @@ def _write_at_the_far_end(path: str) -> None:
         assert lun > 15 << 40
         assert f.pread(f.size - 4096, 4) == b"end!"
     assert fsck(path).exit_code == 0
+
+
+def test_write_into_a_hole_filled_by_several_free_runs(small_unit_volume: str) -> None:
+    """Free space in pieces: one write's hole is filled from several runs, data intact."""
+    with Volume.open(small_unit_volume) as vol:
+        unit = vol.sb.unit_size
+        pads = [vol.create(f"/pad{k}", unit) for k in range(14)]
+        for p in pads:
+            p.pwrite(0, b"p" * unit)
+        rest = vol.sb.unit_count - vol.meta.used_units
+        vol.create("/fill", rest * unit).pwrite(0, bytes(rest * unit))  # no large free run left
+        for k in range(0, 14, 2):  # free every other unit: the free space is now in 1-unit runs
+            vol.remove(f"/pad{k}")
+        with vol._lock:
+            vol.meta._hint = 0
+        f = vol.create("/f", 8 * unit)
+        data = os.urandom(6 * unit)
+        f.pwrite(unit // 2, data)
+        assert vol.stat("/f").extents > 1
+        assert f.pread(unit // 2, 6 * unit) == data
+        assert f.pread(0, unit // 2) == bytes(unit // 2)
+        for k in range(1, 14, 2):
+            assert vol.open_file(f"/pad{k}").pread(0, unit) == b"p" * unit
+    assert fsck(small_unit_volume).exit_code == 0

@@ -1,0 +1,254 @@
+"""Who is coordinator of a volume: liveness renewal and the coordinator lease on disk.
+
+Delta leases (Chockler and Malkhi, as sanlock uses them), with all timing derived from
+one I/O timeout T (:class:`shoal.volume.lease.LeaseTiming`):
+
+- every node renews its liveness slot every 2T (:class:`LivenessRenewer`);
+- a node whose last *successful* renewal *started* more than 4T ago is no longer valid:
+  as coordinator it stops every metadata write (:meth:`Election.guard`);
+- an observer declares a slot dead when it has not changed for 8T on the observer's
+  own monotonic clock (:class:`SlotWatcher`); clocks are never compared.
+
+Safety (never two coordinators): the holder's writes stop 4T after the start of its last
+good renewal; observers saw that renewal land no earlier than its start, and wait 8T
+after the last change they saw. The 4T between covers a write that was in flight.
+
+Acquisition (:meth:`Election.acquire`): read the lease; if it is held, watch the owner's
+slot *and the lease sector* until the slot has been unchanged for 8T (any change of the
+lease sector restarts the wait: somebody else is contending); write ourselves as owner
+with epoch + 1; wait 2T; read back. Still ours: we are coordinator. Otherwise another
+contender's later write won, and we go back to following. Only after ``acquire``
+returns does the caller replay the journal and serve requests.
+
+States (stable names, they appear in the API)::
+
+    follower ──► contending ──► coordinator ──► released
+        ▲             │              │
+        └─────────────┘              └──► lost (could not renew in time, or epoch moved)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from shoal.coordinator.errors import LeaseLost, NotCoordinator
+from shoal.volume.lease import (
+    FREE,
+    RELEASED,
+    CoordinatorLease,
+    LeaseArea,
+    LeaseTiming,
+    LivenessSlot,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    CONTENDING = "contending"
+    COORDINATOR = "coordinator"
+    RELEASED = "released"
+    LOST = "lost"
+
+
+_TRANSITIONS: dict[Role, set[Role]] = {
+    Role.FOLLOWER: {Role.CONTENDING},
+    Role.CONTENDING: {Role.COORDINATOR, Role.FOLLOWER},
+    Role.COORDINATOR: {Role.RELEASED, Role.LOST},
+    Role.RELEASED: {Role.CONTENDING},
+    Role.LOST: {Role.CONTENDING},
+}
+
+
+class LivenessRenewer:
+    """Keeps this node's liveness slot advancing; knows whether its lease is still valid."""
+
+    def __init__(self, area: LeaseArea, node_id: int, *, cluster: str, host: str | None = None,
+                 timing: LeaseTiming | None = None, clock: Clock = time.monotonic):
+        self.area = area
+        self.timing = timing or LeaseTiming()
+        self.clock = clock
+        self.slot = LivenessSlot(node_id=node_id, io_timeout_ms=int(self.timing.io_timeout_s * 1000),
+                                 cluster=cluster, host=host or socket.gethostname())
+        self.last_ok_start: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def node_id(self) -> int:
+        return self.slot.node_id
+
+    def join(self) -> None:
+        """Start a new generation in our slot (a rejoin is visible to observers)."""
+        old = self.area.read_slot(self.node_id)
+        self.slot = replace(self.slot, generation=old.generation + 1, counter=0, flags=0)
+        self.renew_once()
+
+    def renew_once(self) -> bool:
+        started = self.clock()
+        try:
+            self.slot = replace(self.slot, counter=self.slot.counter + 1)
+            self.area.write_slot(self.slot)
+        except Exception as err:  # noqa: BLE001 - a failed renewal is an expected event
+            log.warning("node%d: liveness renewal failed: %s", self.node_id, err)
+            return False
+        self.last_ok_start = started
+        return True
+
+    def valid(self) -> bool:
+        """True while our last good renewal started less than 4T ago."""
+        return self.last_ok_start is not None and self.clock() - self.last_ok_start < self.timing.holder_stop_s
+
+    def start(self) -> None:
+        self.join()
+        self._thread = threading.Thread(target=self._run, name=f"renew-node{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.timing.renew_interval_s):
+            self.renew_once()
+
+    def stop(self, *, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if release:
+            self.area.write_slot(replace(self.slot, flags=RELEASED))
+
+
+@dataclass
+class _Seen:
+    key: tuple[int, int, int]
+    changed_at: float
+
+
+class SlotWatcher:
+    """Judges other nodes' slots by "did it change?" on our own monotonic clock."""
+
+    def __init__(self, area: LeaseArea, timing: LeaseTiming, clock: Clock = time.monotonic):
+        self.area = area
+        self.timing = timing
+        self.clock = clock
+        self._seen: dict[int, _Seen] = {}
+
+    def poll(self, node_id: int) -> LivenessSlot:
+        slot = self.area.read_slot(node_id)
+        key = (slot.generation, slot.counter, slot.flags)
+        now = self.clock()
+        seen = self._seen.get(node_id)
+        if seen is None or seen.key != key:
+            self._seen[node_id] = _Seen(key, now)
+        return slot
+
+    def dead(self, node_id: int) -> bool:
+        """Unchanged for 8T since we first looked, or released cleanly."""
+        slot = self.poll(node_id)
+        if slot.flags & RELEASED or slot.generation == 0:
+            return True
+        return self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
+
+
+class Election:
+    """The coordinator lease of one volume, from the point of view of one node."""
+
+    def __init__(self, area: LeaseArea, renewer: LivenessRenewer, *, cluster: str,
+                 clock: Clock = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 on_change: Callable[[Role, Role, str], None] | None = None):
+        self.area = area
+        self.renewer = renewer
+        self.timing = renewer.timing
+        self.cluster = cluster
+        self.clock = clock
+        self.sleep = sleep
+        self.watcher = SlotWatcher(area, self.timing, clock)
+        self.role = Role.FOLLOWER
+        self.lease: CoordinatorLease | None = None
+        self._on_change = on_change
+        self._cond = threading.Condition()
+
+    def _set_state(self, new: Role, why: str) -> None:
+        with self._cond:
+            old = self.role
+            if new not in _TRANSITIONS[old]:
+                raise AssertionError(f"illegal coordinator transition {old.value} -> {new.value}")
+            self.role = new
+            self._cond.notify_all()
+        log.info("node%d: %s -> %s: %s", self.renewer.node_id, old.value, new.value, why)
+        if self._on_change:
+            self._on_change(old, new, why)
+
+    @property
+    def epoch(self) -> int:
+        return self.lease.epoch if self.lease else 0
+
+    def acquire(self, *, deadline_s: float | None = None) -> bool:
+        """Try to become coordinator; returns True when we are. Blocks up to about 8T + 2T,
+        or ``deadline_s`` if given. Never takes a lease whose owner is alive."""
+        self._set_state(Role.CONTENDING, "contending for the coordinator lease")
+        give_up = None if deadline_s is None else self.clock() + deadline_s
+        current = self.area.read_lease()
+        while current.owner not in (FREE, self.renewer.node_id):
+            if give_up is not None and self.clock() >= give_up:
+                self._set_state(Role.FOLLOWER, f"{current.owner_name()} still holds the lease")
+                return False
+            if self.watcher.dead(current.owner):
+                break
+            self.sleep(min(self.timing.io_timeout_s / 4, 0.25))
+            again = self.area.read_lease()
+            if again != current:
+                current = again  # somebody else took it or is contending: start over
+                self.watcher = SlotWatcher(self.area, self.timing, self.clock)
+        if not self.renewer.valid():
+            self._set_state(Role.FOLLOWER, "our own liveness slot is not being renewed")
+            return False
+        mine = CoordinatorLease(self.renewer.node_id, int(self.timing.io_timeout_s * 1000),
+                                current.epoch + 1, self.renewer.slot.generation, self.cluster,
+                                self.renewer.slot.host)
+        self.area.write_lease(mine)
+        self.sleep(self.timing.renew_interval_s)
+        if self.area.read_lease() != mine:
+            self._set_state(Role.FOLLOWER, "another contender's claim came later and won")
+            return False
+        if not self.renewer.valid():
+            self._set_state(Role.FOLLOWER, "our liveness lapsed while we claimed the lease")
+            return False
+        self.lease = mine
+        self._set_state(Role.COORDINATOR, f"acquired the coordinator lease, epoch {mine.epoch}")
+        return True
+
+    def guard(self) -> None:
+        """Called before every metadata write: raise unless we still may write.
+
+        Checks our own liveness (4T rule) and that the lease on disk still names us
+        with our epoch, so a coordinator that was frozen or cut off stops by itself.
+        """
+        if self.role is not Role.COORDINATOR or self.lease is None:
+            raise NotCoordinator("this node is not the coordinator of the volume")
+        if not self.renewer.valid():
+            self._lose("our liveness renewals stopped for 4 I/O timeouts")
+        on_disk = self.area.read_lease()
+        if on_disk.owner != self.lease.owner or on_disk.epoch != self.lease.epoch:
+            self._lose(f"the lease now names {on_disk.owner_name()} with epoch {on_disk.epoch}")
+
+    def _lose(self, why: str) -> None:
+        if self.role is Role.COORDINATOR:
+            self._set_state(Role.LOST, why)
+        raise LeaseLost(f"stopped writing metadata: {why}")
+
+    def release(self) -> None:
+        """Planned hand-over: free the lease (keeping the epoch) so a successor need not wait."""
+        if self.role is not Role.COORDINATOR or self.lease is None:
+            return
+        on_disk = self.area.read_lease()
+        if on_disk == self.lease:
+            self.area.write_lease(replace(self.lease, owner=FREE, owner_host=""))
+        self._set_state(Role.RELEASED, "released the coordinator lease")

@@ -18,7 +18,9 @@ from shoal.volume import defrag as defrag_mod
 from shoal.volume import fsck as fsck_mod
 from shoal.volume import transfer
 from shoal.volume.device import Device
+from shoal.volume.errors import VolumeCorrupt, VolumeError
 from shoal.volume.format import format_volume
+from shoal.volume.layout import BLOCK, LEASE_SECTORS, Superblock
 from shoal.volume.lease import FREE, LeaseArea
 from shoal.volume.volume import Stat, Volume, load_metadata, read_superblock
 
@@ -86,12 +88,32 @@ def lease_state(area: LeaseArea) -> dict[str, object]:
             "cluster": lease.cluster, "epoch": lease.epoch, "io_timeout_ms": lease.io_timeout_ms}
 
 
+def _damage_survey(device: Device, sb: Superblock, area: LeaseArea) -> list[str]:
+    """Damage ``info`` can see cheaply: the backup superblock and the lease sectors."""
+    found = []
+    try:
+        Superblock.decode(device.pread(sb.backup_offset, BLOCK), "backup superblock")
+    except VolumeError as err:
+        found.append(f"{err} (run: shoal volume fsck --repair)")
+    for n in range(1, LEASE_SECTORS):
+        try:
+            area.read_slot(n)
+        except VolumeCorrupt as err:
+            found.append(f"{err} (run: shoal volume fsck --repair)")
+    return found
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     # info never takes the lease and never waits: it is how you see who holds it
     with Device(args.path, writable=False) as device:
         sb, warnings = read_superblock(device)
         meta, _, _, more = load_metadata(device, sb, strict=False)
-        lease = lease_state(LeaseArea(device, sb))
+        area = LeaseArea(device, sb)
+        more.extend(_damage_survey(device, sb, area))
+        try:
+            lease = lease_state(area)
+        except VolumeCorrupt as err:
+            lease = {"state": "damaged", "error": str(err)}
     for w in warnings + more:
         print(f"shoal: warning: {w}", file=sys.stderr)
     files = sum(1 for n in meta.inodes.values() if not n.is_dir)
@@ -106,7 +128,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
         return 0
-    held = "free" if lease["state"] == "free" else f"held by {lease['owner']} of cluster {lease['cluster'] or '(unnamed)'}, epoch {lease['epoch']}"
+    if lease["state"] == "free":
+        held = "free"
+    elif lease["state"] == "damaged":
+        held = f"unknown: {lease['error']}"
+    else:
+        held = f"held by {lease['owner']} of cluster {lease['cluster'] or '(unnamed)'}, epoch {lease['epoch']}"
     print(f"volume      {sb.name or '(unnamed)'}  {sb.uuid_str}")
     print(f"size        {format_size(sb.volume_size)}  ({sb.volume_size} bytes)")
     print(f"units       {sb.unit_count} x {format_size(sb.unit_size)}: {meta.used_units} used, "

@@ -176,15 +176,15 @@ def corrupt(path: str, region: str, rng: random.Random, last: dict[str, int]) ->
 EXPECT: dict[str, tuple[list[str], int, list[str], int, list[str]]] = {
     "primary superblock": (["primary superblock"], 0, ["primary superblock", "using the backup superblock"],
                            0, ["primary superblock", "using the backup superblock"]),
-    # read-only commands never read the backup superblock or slot 65: only fsck sees them
-    "backup superblock": (["backup superblock"], 0, [], 0, []),
+    # ls never reads the backup superblock or slot 65; info surveys both and names them
+    "backup superblock": (["backup superblock"], 0, [], 0, ["backup superblock", "damaged"]),
     "journal record": (["journal record"], 1, ["journal record", "damaged", "fsck --repair"], 0, ["journal record", "damaged"]),
     "checkpoint slot A": (["checkpoint slot a"], 0, ["checkpoint slot a is damaged"], 0, ["checkpoint slot a is damaged"]),
     "checkpoint slot B": (["checkpoint slot b"], 0, ["checkpoint slot b is damaged"], 0, ["checkpoint slot b is damaged"]),
     "both checkpoint slots": (["checkpoint slot a", "checkpoint slot b"], 1, ["both metadata checkpoints", "damaged"],
                               1, ["both metadata checkpoints", "damaged"]),
-    "coordinator lease": (["coordinator lease"], 1, ["coordinator lease", "damaged"], 1, ["coordinator lease", "damaged"]),
-    "liveness slot 65": (["liveness slot 65"], 0, [], 0, []),
+    "coordinator lease": (["coordinator lease"], 1, ["coordinator lease", "damaged"], 0, ["coordinator lease", "damaged"]),
+    "liveness slot 65": (["liveness slot 65"], 0, [], 0, ["liveness slot 65", "damaged"]),
 }
 
 

@@ -114,13 +114,17 @@ class LivenessRenewer:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.timing.renew_interval_s):
-            self.renew_once()
+        wait = self.timing.renew_interval_s
+        while not self._stop.wait(wait):
+            # after a failure retry within T, so one slow write does not cost the lease
+            wait = self.timing.renew_interval_s if self.renew_once() else self.timing.io_timeout_s
 
     def stop(self, *, release: bool = True) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
+        # invalid from now on: observers treat a released slot as dead at once
+        self.last_ok_start = None
         if release:
             self.area.write_slot(replace(self.slot, flags=RELEASED))
 

@@ -52,13 +52,15 @@ def encode(meta: Metadata, uuid: bytes, seq: int, epoch: int) -> bytes:
     return head + bytes(BLOCK - len(head)) + body
 
 
-def write_slots(device: Device, sb: Superblock, image: bytes) -> None:
+def write_slots(device: Device, sb: Superblock, image: bytes, *, first: str = "A") -> None:
+    """Both slots, ``first`` first (the one that is *not* the newest valid copy)."""
     if len(image) > sb.ckpt_size:
         raise VolumeFull(
             "the metadata no longer fits its area on the volume; delete files or defragment "
             "to reduce fragmentation"
         )
-    for offset in (sb.ckpt_a_offset, sb.ckpt_b_offset):
+    order = (sb.ckpt_a_offset, sb.ckpt_b_offset) if first == "A" else (sb.ckpt_b_offset, sb.ckpt_a_offset)
+    for offset in order:
         device.pwrite(offset, image)
         device.flush()
 
@@ -112,4 +114,5 @@ def decode(head: CheckpointHeader, body: bytes, sb: Superblock) -> Metadata:
         if node.ino != ROOT and node.parent in meta.inodes:
             meta.inodes[node.parent].children[node.name] = node.ino
     meta.next_ino = max(head.next_ino, max(meta.inodes) + 1)
+    meta.image_bytes = len(body)
     return meta

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.volume import ops
-from shoal.volume.volume import Volume
+from shoal.volume.volume import MAX_OPS_PER_TXN, Volume
 
 COPY_CHUNK = 8 << 20
 
@@ -60,7 +60,6 @@ def _defrag_file(vol: Volume, path: str, result: DefragResult, progress: Callabl
                 return False
             vol.meta.mark_used(start, total)
             vol._reserved[start] = total
-        reserved = [(start, total)]
         try:
             batch: list[ops.Op] = []
             dest = start
@@ -69,11 +68,22 @@ def _defrag_file(vol: Volume, path: str, result: DefragResult, progress: Callabl
                 batch.append(ops.Remap(f.ino, fu, dest, count))
                 dest += count
             vol.device.flush()
-            with vol._lock:
-                ticket = vol._log(batch, data_first=True)
-                vol._reserved.pop(start, None)
+            # each REMAP is valid on its own, so a very fragmented file moves in chunks;
+            # the copies stay reserved until the last chunk is queued
+            cursor = start  # copies before it are mapped; from it on they are still reserved
+            for i in range(0, len(batch), MAX_OPS_PER_TXN):
+                chunk = batch[i : i + MAX_OPS_PER_TXN]
+                with vol._lock:
+                    ticket = vol._log(chunk, data_first=True)
+                    left = vol._reserved.pop(cursor)
+                    cursor += sum(op.n for op in chunk if isinstance(op, ops.Remap))
+                    left = start + total - cursor
+                    if left:
+                        vol._reserved[cursor] = left
         except BaseException:
-            vol._unreserve(reserved, free=True)
+            with vol._lock:
+                still = [(u, n) for u, n in vol._reserved.items() if start <= u < start + total]
+            vol._unreserve(still, free=True)
             raise
         vol._wait(ticket)
         result.bytes_moved += total * U

@@ -181,7 +181,7 @@ def _load(device: Device, sb: Superblock, report: Report) -> tuple[Metadata, int
         meta = checkpoint.decode(head, body, sb)
     else:
         head, meta = _salvage_checkpoint(device, sb, report)
-    result = journal.scan(device, sb, head.seq)
+    result = journal.scan(device, sb, head.seq, min_epoch=head.epoch)
     if result.damage:
         report.add("journal", result.damage)
     seq = head.seq

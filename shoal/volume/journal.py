@@ -75,13 +75,17 @@ class ScanResult:
     damage: str | None  # a sentence when a record in the middle is damaged
 
 
-def scan(device: Device, sb: Superblock, after_seq: int) -> ScanResult:
-    """Find the records that follow checkpoint ``after_seq``, in order."""
+def scan(device: Device, sb: Superblock, after_seq: int, *, min_epoch: int = 0) -> ScanResult:
+    """Find the records that follow checkpoint ``after_seq``, in order.
+
+    A record with an epoch below ``min_epoch`` (the checkpoint's) was written by a
+    coordinator that had already been replaced: it ends the log and is never replayed.
+    """
     records: list[Record] = []
     pos, expect = 0, after_seq + 1
     while pos < sb.journal_size:
         kind, rec = _read_record(device, sb, pos)
-        if kind != "ok" or rec is None or rec.seq != expect:
+        if kind != "ok" or rec is None or rec.seq != expect or rec.epoch < min_epoch:
             break
         records.append(rec)
         pos += rec.size
@@ -91,7 +95,7 @@ def scan(device: Device, sb: Superblock, after_seq: int) -> ScanResult:
     probe = pos + BLOCK
     while probe < sb.journal_size:
         kind, rec = _read_record(device, sb, probe)
-        if kind == "ok" and rec is not None and rec.seq > expect:
+        if kind == "ok" and rec is not None and rec.seq > expect and rec.epoch >= min_epoch:
             damage = (
                 f"journal record {expect} at byte {sb.journal_offset + pos} is damaged; "
                 f"{rec.seq - expect} later records cannot be replayed"

@@ -21,6 +21,8 @@ from shoal.volume.extents import ExtentMap
 
 ROOT = 1
 FREE_BYTE = b"\x00"
+INODE_BYTES = 40
+EXTENT_BYTES = 20
 
 
 @dataclass(eq=False)
@@ -49,6 +51,10 @@ class Metadata:
         self.used_units = 0
         self.next_ino = ROOT + 1
         self._hint = 0
+        #: bytes of the checkpoint body this metadata encodes to (FORMAT.md §5), kept exact
+        self.image_bytes = unit_count + INODE_BYTES
+        #: which checkpoint slot the next checkpoint writes first (set by the loader)
+        self.loaded_from_other = "A"
 
     # ---- allocation ----------------------------------------------------------------
 
@@ -108,12 +114,32 @@ class Metadata:
 
     # ---- the one place that changes state -------------------------------------------
 
+    def image_growth(self, batch: list[ops.Op]) -> tuple[int, int]:
+        """Upper bounds of how much ``batch`` can grow the checkpoint image:
+        (growth from new files and new extents, growth from anything else)."""
+        new = other = 0
+        for op in batch:
+            if isinstance(op, ops.Create):
+                new += INODE_BYTES + len(op.name.encode())
+            elif isinstance(op, ops.Map | ops.Remap):
+                new += EXTENT_BYTES
+            elif isinstance(op, ops.Unmap | ops.SetSize):
+                other += EXTENT_BYTES  # a cut inside a run splits it in two
+            elif isinstance(op, ops.Rename):
+                other += max(0, len(op.dst_name.encode()) - len(op.src_name.encode()))
+        return new, other
+
     def apply(self, op: ops.Op) -> list[tuple[int, int]]:
         """Apply ``op``; return the units it frees as (unit, count) runs."""
+        node = self.inodes.get(getattr(op, "ino", 0))
+        runs_before = len(node.extents) if node is not None else 0
         try:
-            return self._apply(op)
+            freed = self._apply(op)
         except (KeyError, IndexError, AssertionError) as err:
             raise VolumeCorrupt(f"journal operation {type(op).__name__} does not fit the metadata", what="journal") from err
+        if node is not None:
+            self.image_bytes += EXTENT_BYTES * (len(node.extents) - runs_before)
+        return freed
 
     def _apply(self, op: ops.Op) -> list[tuple[int, int]]:
         if isinstance(op, ops.Map):
@@ -130,19 +156,23 @@ class Metadata:
             assert parent.is_dir and op.name not in parent.children
             self.inodes[op.ino] = Inode(op.ino, op.parent, op.name, op.kind, op.flags, 0, op.mtime_ns)
             parent.children[op.name] = op.ino
+            self.image_bytes += INODE_BYTES + len(op.name.encode())
             parent.mtime_ns = op.mtime_ns
             self.next_ino = max(self.next_ino, op.ino + 1)
             return []
         if isinstance(op, ops.Remove):
             parent = self.inodes[op.parent]
-            node = self.inodes.pop(parent.children.pop(op.name))
-            assert not node.children
+            node = self.inodes[parent.children[op.name]]
+            assert not node.children  # checked before anything changes
+            del self.inodes[parent.children.pop(op.name)]
+            self.image_bytes -= INODE_BYTES + len(node.name.encode()) + EXTENT_BYTES * len(node.extents)
             return node.extents.unmap(0, node.extents.end_unit())
         if isinstance(op, ops.Rename):
             src = self.inodes[op.src_parent]
             dst = self.inodes[op.dst_parent]
+            assert op.dst_name not in dst.children and op.src_name in src.children
             ino = src.children.pop(op.src_name)
-            assert op.dst_name not in dst.children
+            self.image_bytes += len(op.dst_name.encode()) - len(op.src_name.encode())
             dst.children[op.dst_name] = ino
             node = self.inodes[ino]
             node.parent, node.name = op.dst_parent, op.dst_name

@@ -8,6 +8,7 @@ destination of the same size, so ``qemu-img map`` shows the same holes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -17,6 +18,15 @@ from shoal.errors import UsageError
 from shoal.volume.volume import Volume
 
 CHUNK = 8 << 20
+
+
+@contextlib.contextmanager
+def _host_io(path: str, doing: str) -> Iterator[None]:
+    """A failing host file (disk full, I/O error, /dev/full) is a sentence, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise UsageError(f"{doing} {path} failed: {err.strerror}") from err
 
 
 def _data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -81,11 +91,14 @@ def import_file(vol: Volume, src: str, dst: str, *, preallocate: bool = False, f
         chunk = max(CHUNK // U, 1) * U
         buf = bytearray(chunk)
         view = memoryview(buf)
-        for start, end in _data_segments(fd, size):
+        with _host_io(src, "reading"):
+            segments = list(_data_segments(fd, size))
+        for start, end in segments:
             pos = start // U * U
             while pos < end:
                 n = min(chunk, end - pos, size - pos)
-                got = os.preadv(fd, [view[:n]], pos)
+                with _host_io(src, "reading"):
+                    got = os.preadv(fd, [view[:n]], pos)
                 if got < n:
                     view[got:n] = bytes(n - got)
                 for a, b in _nonzero_runs(buf, n, U, zero):
@@ -113,23 +126,24 @@ def export_file(vol: Volume, src: str, dst: str, *, force: bool = False,
         raise UsageError(f"cannot write {dst}: {err.strerror}") from err
     written = 0
     try:
-        os.ftruncate(fd, size)
-        U = vol.sb.unit_size
-        zero = bytes(U)
-        for off, length, hole in f.block_status(0, size) if size else []:
-            if hole:
-                continue
-            pos, end = off, off + length
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                buf = f.pread(pos, n)
-                for a, b in _nonzero_runs(buf, len(buf), U, zero):
-                    os.pwrite(fd, memoryview(buf)[a:b], pos + a)
-                    written += b - a
-                if progress:
-                    progress(n)
-                pos += n
-        os.fsync(fd)
+        with _host_io(dst, "writing"):
+            os.ftruncate(fd, size)
+            U = vol.sb.unit_size
+            zero = bytes(U)
+            for off, length, hole in f.block_status(0, size) if size else []:
+                if hole:
+                    continue
+                pos, end = off, off + length
+                while pos < end:
+                    n = min(CHUNK, end - pos)
+                    buf = f.pread(pos, n)
+                    for a, b in _nonzero_runs(buf, len(buf), U, zero):
+                        os.pwrite(fd, memoryview(buf)[a:b], pos + a)
+                        written += b - a
+                    if progress:
+                        progress(n)
+                    pos += n
+            os.fsync(fd)
     finally:
         os.close(fd)
     return written

@@ -43,6 +43,8 @@ from shoal.volume.meta import ROOT, Inode, Metadata
 
 #: operations per transaction when a large change is split (keeps records small)
 MAX_OPS_PER_TXN = 512
+#: checkpoint space kept back from growth so removals can always be checkpointed
+_METADATA_RESERVE = 64 << 10
 
 
 def _now_ns() -> int:
@@ -147,7 +149,8 @@ class Volume:
 
     def __init__(self, device: Device, sb: Superblock, meta: Metadata, *, writable: bool, epoch: int,
                  journal_start: int, next_seq: int, warnings: list[str],
-                 lease: OfflineLease | None = None, guard: Callable[[], None] | None = None):
+                 lease: OfflineLease | None = None, guard: Callable[[], None] | None = None,
+                 ckpt_first: str = "A"):
         self.device = device
         self.sb = sb
         self.meta = meta
@@ -162,6 +165,8 @@ class Volume:
         self._io_locks: dict[int, RWLock] = {}
         self._alloc_locks: dict[int, threading.Lock] = {}
         self._closed = False
+        self._broken: BaseException | None = None
+        self._ckpt_first = ckpt_first
 
     # ---- opening and closing ---------------------------------------------------------
 
@@ -189,7 +194,8 @@ class Volume:
                 meta, start, next_seq, more = load_metadata(device, sb)
                 warnings.extend(more)
                 vol = cls(device, sb, meta, writable=writable, epoch=epoch or 0, journal_start=start,
-                          next_seq=next_seq, warnings=warnings, lease=lease, guard=guard)
+                          next_seq=next_seq, warnings=warnings, lease=lease, guard=guard,
+                          ckpt_first=meta.loaded_from_other)
                 if writable:
                     vol.checkpoint()
                 return vol
@@ -205,7 +211,7 @@ class Volume:
         if self._closed:
             return
         try:
-            if self.writable:
+            if self.writable and not self._broken:
                 self.checkpoint()
         finally:
             self._closed = True
@@ -229,11 +235,28 @@ class Volume:
 
     def _log(self, batch: list[ops.Op], *, data_first: bool = False) -> int:
         """Apply and queue ``batch``; caller holds ``_lock``. Returns the ticket."""
-        if self._journal.used + sum(len(ops.encode(o)) for o in batch) + BLOCK > self.sb.journal_size // 2:
+        if self._broken:
+            raise VolumeError(f"the volume stopped accepting changes after an internal error ({self._broken}); reopen it")
+        size = sum(len(ops.encode(o)) for o in batch)
+        if size + BLOCK > self.sb.journal_size // 4:
+            raise VolumeError("one change is too large for the journal; split it")
+        grow_new, grow_other = self.meta.image_growth(batch)
+        reserve = _METADATA_RESERVE if grow_new else 0
+        if self.meta.image_bytes + grow_new + grow_other + BLOCK + reserve > self.sb.ckpt_size:
+            raise VolumeFull(
+                f"the metadata area of volume {self.sb.name or self.sb.uuid_str} is full; remove files "
+                "or defragment (removals always fit)"
+            )
+        if self._journal.used + size + BLOCK > self.sb.journal_size // 2:
             self._checkpoint_locked()
         freed: list[tuple[int, int]] = []
-        for op in batch:
-            freed.extend(self.meta.apply(op))
+        try:
+            for op in batch:
+                freed.extend(self.meta.apply(op))
+        except BaseException as err:
+            # memory now differs from the journal: never checkpoint this state
+            self._broken = err
+            raise
         ticket = self._journal.submit(batch, data_first=data_first)
         if freed:
             self._pending_free.append((ticket, freed))
@@ -278,7 +301,10 @@ class Volume:
         finally:
             for unit, old in saved:
                 self.meta.bitmap[unit : unit + len(old)] = old
-        checkpoint.write_slots(self.device, self.sb, image)
+        if self._journal.guard:
+            self._journal.guard()
+        checkpoint.write_slots(self.device, self.sb, image, first=self._ckpt_first)
+        self._ckpt_first = "A"
         self._journal.restart(self._journal.next_seq)
 
     # ---- namespace -------------------------------------------------------------------
@@ -396,6 +422,12 @@ class Volume:
         if preallocate and size:
             with self._lock:
                 runs = self._reserve(-(-size // U), None)
+            if len(runs) + 2 > MAX_OPS_PER_TXN:
+                # too fragmented for one record: an empty thick file, then a chunked resize
+                self._unreserve(runs, free=True)
+                f = self._create_new(path, 0, preallocate)
+                f.resize(size)
+                return f
         try:
             for unit, n in runs:
                 self.device.write_zeroes(self.sb.unit_offset(unit), n * U)
@@ -414,7 +446,7 @@ class Volume:
                     pos += n
                 if size:
                     batch.append(ops.SetSize(ino, size, now))
-                ticket = self._log(batch)
+                ticket = self._log(batch, data_first=bool(runs))
                 for unit, _ in runs:
                     self._reserved.pop(unit, None)
         except BaseException:
@@ -446,6 +478,8 @@ class Volume:
                 parent, name = self._parent_and_name(path)
                 if parent.children.get(name) != node.ino:
                     raise NotFound(f"{path} does not exist", path=path)
+                if node.children:
+                    raise DirectoryNotEmpty(f"{path} is not empty (something was created in it meanwhile)", path=path)
                 ticket = self._log([ops.Remove(parent.ino, name)])
             self._wait(ticket)
         finally:
@@ -746,16 +780,23 @@ class VolumeFile:
             batch: list[ops.Op] = [ops.Map(self.ino, fu, u, c) for fu, u, c in new]
             batch.append(ops.SetSize(self.ino, size, _now_ns()))
             reserved = [(u, c) for _, u, c in new]
+            data_first = bool(new) or tail is not None
             try:
                 tickets = []
+                # a thick grow over many runs is logged in chunks; each chunk's units leave
+                # _reserved under the same lock hold as its record is queued, so a checkpoint
+                # between chunks sees them as mapped, never as free
                 for i in range(0, len(batch), MAX_OPS_PER_TXN):
+                    chunk = batch[i : i + MAX_OPS_PER_TXN]
                     with vol._lock:
-                        tickets.append(vol._log(batch[i : i + MAX_OPS_PER_TXN], data_first=bool(new)))
-                with vol._lock:
-                    for unit, _ in reserved:
-                        vol._reserved.pop(unit, None)
+                        tickets.append(vol._log(chunk, data_first=data_first))
+                        for op in chunk:
+                            if isinstance(op, ops.Map):
+                                vol._reserved.pop(op.unit, None)
             except BaseException:
-                vol._unreserve(reserved, free=True)
+                with vol._lock:
+                    still = [(u, c) for u, c in reserved if u in vol._reserved]
+                vol._unreserve(still, free=True)
                 raise
             vol._wait(tickets[-1])
         finally:
@@ -822,9 +863,12 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True) -> tup
             what="checkpoint",
         )
     slots.sort(key=lambda s: s[0], reverse=True)
-    _, _, (head, body) = slots[0]
+    _, label, (head, body) = slots[0]
     meta = checkpoint.decode(head, body, sb)
-    result = journal.scan(device, sb, head.seq)
+    # the next checkpoint overwrites the other (older or damaged) slot first, so a crash
+    # during it always leaves the slot we loaded from intact
+    meta.loaded_from_other = "B" if label == "A" else "A"
+    result = journal.scan(device, sb, head.seq, min_epoch=head.epoch)
     if result.damage:
         if strict:
             raise VolumeCorrupt(f"{result.damage}; run: shoal volume fsck --repair", what="journal")

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shoal.errors import ShoalError
 from shoal.volume import ops
 from shoal.volume.device import Device
 from shoal.volume.errors import VolumeCorrupt, VolumeError
@@ -189,6 +190,8 @@ class Journal:
             self._failed = err
             self._writing = False
             self._cond.notify_all()
+            if isinstance(err, ShoalError):
+                raise  # e.g. the guard's "lease lost": already a sentence for the user
             raise JournalBroken("the volume's journal could not be written; reopen the volume") from err
         self._cond.acquire()
         self.pos += len(rec)

@@ -199,6 +199,7 @@ class OfflineLease:
         self._slot = LivenessSlot(node_id=OFFLINE_OWNER)
         self.lease: CoordinatorLease | None = None
         self.took_over_from: str | None = None
+        self._last_ok = 0.0
 
     def acquire(self) -> None:
         current = self.area.read_lease()
@@ -214,16 +215,33 @@ class OfflineLease:
         self.lease = CoordinatorLease(OFFLINE_OWNER, int(self.timing.io_timeout_s * 1000),
                                       current.epoch + 1, self._slot.generation, current.cluster, host)
         self.area.write_lease(self.lease)
+        self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name="offline-lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.timing.renew_interval_s):
+            started = time.monotonic()
             self._slot = replace(self._slot, counter=self._slot.counter + 1)
             try:
                 self.area.write_slot(self._slot)
             except Exception:  # noqa: BLE001 - a failed renewal only lets the lease expire
-                return
+                continue
+            self._last_ok = started
+
+    def guard(self) -> None:
+        """Before every metadata write: our renewals are current and the lease still ours.
+
+        Two claimants that both saw the lease free both write it; the later write wins,
+        and the earlier one stops here before it changes anything.
+        """
+        if self.lease is None:
+            raise VolumeInUse("the offline lease was released; reopen the volume")
+        if time.monotonic() - self._last_ok >= self.timing.holder_stop_s:
+            raise VolumeInUse("the offline lease could not be renewed in time; stopped writing")
+        now = self.area.read_lease()
+        if now != self.lease:
+            raise in_use_error(now, self.volume_name)
 
     def release(self) -> None:
         self._stop.set()

@@ -47,6 +47,17 @@ MAX_OPS_PER_TXN = 512
 _METADATA_RESERVE = 64 << 10
 
 
+def _both(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:
+    if second is None:
+        return first
+
+    def guard() -> None:
+        first()
+        second()
+
+    return guard
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -186,6 +197,7 @@ class Volume:
                     lease.acquire()
                     assert lease.lease is not None
                     epoch = lease.lease.epoch
+                    guard = _both(lease.guard, guard)
                 else:
                     current = area.read_lease()
                     if current.owner != FREE and area.owner_alive(current):

@@ -15,6 +15,7 @@ import pytest
 
 from shoal.volume import Volume
 from shoal.volume.device import Device
+from shoal.volume.errors import VolumeInUse as VolumeInUseError
 from shoal.volume.lease import CoordinatorLease, LeaseArea, LivenessSlot
 from shoal.volume.volume import read_superblock
 from tests.conftest import assert_no_traceback, require_root, require_tool, shoal
@@ -111,6 +112,7 @@ _HOLDER = """
 import sys, time
 from dataclasses import replace
 from shoal.volume.device import Device
+from shoal.volume.errors import VolumeInUse as VolumeInUseError
 from shoal.volume.lease import CoordinatorLease, LeaseArea, LivenessSlot
 from shoal.volume.volume import read_superblock
 dev = Device(sys.argv[1])
@@ -204,3 +206,17 @@ def test_backup_superblock_sits_at_the_end(volume_path: str) -> None:
         area = LeaseArea(dev, sb)
         assert area.read_lease() == CoordinatorLease(epoch=area.read_lease().epoch)
         assert area.read_slot(3) == LivenessSlot(node_id=3)
+
+
+def test_offline_tool_stops_when_another_claimant_took_the_lease(volume_path: str) -> None:
+    vol = Volume.open(volume_path)
+    vol.mkdir("/before")
+    with Device(volume_path) as dev:
+        sb, _ = read_superblock(dev)
+        LeaseArea(dev, sb).write_lease(CoordinatorLease(owner=3, epoch=99, cluster="lab"))
+    with pytest.raises(VolumeInUseError, match="coordinator node3"):
+        vol.mkdir("/after")
+    vol._closed = True  # the tool must not release a lease that is not its own any more
+    vol.device.close()
+    with Volume.open(volume_path, offline=False, writable=False) as ro:
+        assert ro.exists("/before") and not ro.exists("/after")

@@ -1,0 +1,39 @@
+"""The NBD data path: the server VMs and tools attach to, and the client the node
+agent uses as its storage path to a LUN served over the network.
+
+Wire format byte by byte, and how to run ``shoal nbd serve``: docs/NBD.md.
+
+Layers, bottom up (each imports only downward; the sans-I/O layers do no I/O,
+take no timeouts and can be fuzzed without sockets, like h11):
+
+- ``errors``            the package's exception tree (remote vs local faults)
+- ``constants``, ``wire``  protocol numbers and fixed-layout structs
+- ``backend``           :class:`Backend` ABC and :class:`FileBackend`
+- ``server_handshake``  sans-I/O fixed-newstyle negotiation, server side
+- ``client_handshake``  sans-I/O negotiation, client side
+- ``requests``          sans-I/O request parsing and validation (server)
+- ``replies``           sans-I/O reply encoding (server) and parsing (client)
+- ``server``            asyncio adapter: :class:`NBDServer`
+- ``client``            asyncio adapter: :class:`NBDClient`
+- ``volume_backend``    exports of a shoal volume (the only module that knows it)
+- ``cli``               ``shoal nbd serve``
+
+The server serves a mapping export-name -> Backend and knows nothing else; the
+node agent will supply its own backends.
+"""
+
+from shoal.nbd.backend import Backend, BlockSizes, FileBackend
+from shoal.nbd.client import ClientSettings, NBDClient, list_exports
+from shoal.nbd.errors import NBDError
+from shoal.nbd.server import NBDServer
+
+__all__ = [
+    "Backend",
+    "BlockSizes",
+    "ClientSettings",
+    "FileBackend",
+    "NBDClient",
+    "NBDError",
+    "NBDServer",
+    "list_exports",
+]

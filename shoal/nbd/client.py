@@ -1,0 +1,536 @@
+"""asyncio NBD client: the storage path to an export served over the network.
+
+One :class:`NBDClient` is one connection. Requests are pipelined (up to
+``max_in_flight``; beyond that they wait in a local queue) and matched to
+replies by cookie.
+
+Failure model, written for the node agent's storage path:
+
+- A request that outlives ``request_timeout_s`` declares the path broken:
+  the whole connection is aborted, because an NBD request cannot be cancelled
+  and a write still in flight could otherwise land later.
+- :meth:`NBDClient.abort` is that abortive close: requests still queued here
+  are discarded without being sent, bytes still in asyncio's send buffer are
+  dropped (``transport.abort()``; on TCP ``SO_LINGER=0`` also makes the
+  kernel drop its send queue with a RST), and every waiter fails with
+  :class:`ConnectionAborted`. Writes already handed to the kernel of a unix
+  socket have reached the server; their outcome is unknown, and abort()
+  reports how many there were.
+- :meth:`NBDClient.reconnect` opens a fresh connection with retries; it never
+  replays anything. Whether to retry a failed write is the caller's decision.
+
+Timeouts are the only timing this module knows, grouped in
+:class:`ClientSettings`; the sans-I/O layers below take none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from shoal.nbd import wire
+from shoal.nbd.backend import BlockSizes
+from shoal.nbd.client_handshake import ClientHandshake, ExportList, Ready
+from shoal.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag, TxFlag
+from shoal.nbd.errors import (
+    ConnectionAborted,
+    LocalProtocolError,
+    NBDCommandError,
+    NBDConnectionError,
+    NBDError,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestTimeout,
+)
+from shoal.nbd.replies import ReplyEvent, ReplyParser
+from shoal.nbd.server_handshake import NEED_DATA
+
+log = logging.getLogger(__name__)
+
+Address = str | tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
+    reconnect_attempts: int = 5
+    reconnect_delay_s: float = 0.2  # doubles after each failed attempt ...
+    reconnect_max_delay_s: float = 2.0  # ... up to this
+    max_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.reconnect_attempts < 1 or self.max_in_flight < 1:
+            raise ValueError("reconnect_attempts and max_in_flight must be at least 1")
+
+
+@dataclass
+class _Pending:
+    cmd: int
+    offset: int
+    future: asyncio.Future[object]
+    buf: bytearray | None = None
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    error: int = 0
+    message: str = ""
+
+
+class _Link(asyncio.Protocol):
+    """Byte pump between the transport and the client's parsers."""
+
+    def __init__(self, client: NBDClient, hs: ClientHandshake):
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.handshake_done: asyncio.Future[Ready | ExportList] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.hs: ClientHandshake | None = hs
+        self.parser = ReplyParser()
+        # flow control: large payloads are written in pieces, each only while the
+        # transport wants more, so its buffer stays small (asyncio's buffer is a
+        # bytearray trimmed from the front: a big backlog costs quadratic copying)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.write_lock = asyncio.Lock()  # held while a request is written in pieces
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.hs is not None:
+                self._handshake(data)
+            else:
+                for event in self.parser.receive_data(data):
+                    self.client._on_reply(event)
+        except NBDError as err:
+            self._fail(err)
+
+    def _handshake(self, data: bytes) -> None:
+        hs = self.hs
+        assert hs is not None and self.transport is not None
+        hs.receive_data(data)
+        event = hs.next_event()
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        if event is NEED_DATA:
+            return
+        self.hs = None
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(event)  # type: ignore[arg-type]
+        leftover = hs.leftover()
+        if leftover:
+            self.data_received(leftover)
+
+    def _fail(self, err: NBDError) -> None:
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(err)
+        self.client._connection_failed(self, err)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        if self.hs is not None:
+            try:
+                self.hs.receive_data(b"")
+            except ProtocolError as err:
+                self._fail(err)
+        return False
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()  # wake writers; they find the transport closing
+        err = NBDConnectionError(
+            f"connection to the NBD server was lost{f': {exc}' if exc else ''}"
+        )
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(err)
+        self.client._connection_failed(self, err)
+
+
+async def _open(address: Address, client: NBDClient, hs: ClientHandshake) -> _Link:
+    loop = asyncio.get_running_loop()
+    if isinstance(address, str):
+        _, link = await loop.create_unix_connection(lambda: _Link(client, hs), address)
+    else:
+        _, link = await loop.create_connection(lambda: _Link(client, hs), address[0], address[1])
+        sock = link.transport.get_extra_info("socket") if link.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return link
+
+
+async def list_exports(address: Address, *, timeout_s: float = 10.0) -> list[str]:
+    """Names the server offers (NBD_OPT_LIST)."""
+    client = NBDClient(address, "", ClientSettings(connect_timeout_s=timeout_s))
+    result = await client._negotiate(ClientHandshake("", list_exports=True))
+    assert isinstance(result, ExportList)
+    return result.names
+
+
+class NBDClient:
+    """A connection to one export. Use :meth:`connect`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        address: Address,
+        export: str,
+        settings: ClientSettings | None = None,
+        *,
+        allocation: bool = False,
+    ):
+        self.address = address
+        self.export = export
+        self.settings = settings or ClientSettings()
+        self.allocation = allocation
+        self.size = 0
+        self.flags = TxFlag(0)
+        self.structured = False
+        self.block_sizes: BlockSizes | None = None
+        self._context: int | None = None
+        self._link: _Link | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._cookies = itertools.count(1)
+        self._in_flight = 0
+        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._failure: NBDError | None = None
+
+    # --- lifecycle --------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        address: Address,
+        export: str,
+        settings: ClientSettings | None = None,
+        *,
+        allocation: bool = False,
+    ) -> NBDClient:
+        client = cls(address, export, settings, allocation=allocation)
+        await client._establish()
+        return client
+
+    async def _negotiate(self, hs: ClientHandshake) -> Ready | ExportList:
+        """Connect and run ``hs``; a listing closes the connection, a GO keeps it."""
+        link: _Link | None = None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                link = await _open(self.address, self, hs)
+                result = await link.handshake_done
+        except TimeoutError as err:
+            _abort_link(link)
+            raise NBDConnectionError(f"connecting to {self._where()} timed out") from err
+        except OSError as err:
+            raise NBDConnectionError(
+                f"cannot connect to {self._where()}: {err.strerror or err}"
+            ) from err
+        except BaseException:
+            _abort_link(link)
+            raise
+        if isinstance(result, ExportList):
+            if link.transport is not None:
+                link.transport.close()  # after NBD_OPT_ABORT has gone out
+        else:
+            self._link = link
+        return result
+
+    async def _establish(self) -> None:
+        ready = await self._negotiate(ClientHandshake(self.export, allocation=self.allocation))
+        assert isinstance(ready, Ready)
+        self.size = ready.size
+        self.flags = ready.flags
+        self.structured = ready.structured
+        self.block_sizes = ready.block_sizes
+        self._context = ready.allocation_context
+        self._failure = None
+
+    async def reconnect(self) -> None:
+        """Abort the current connection (if any) and open a new one, retrying."""
+        self.abort("reconnecting")
+        last: NBDError | None = None
+        for attempt in range(self.settings.reconnect_attempts):
+            if attempt:
+                delay = self.settings.reconnect_delay_s * (2 ** (attempt - 1))
+                await asyncio.sleep(min(delay, self.settings.reconnect_max_delay_s))
+            try:
+                await self._establish()
+                return
+            except NBDConnectionError as err:
+                last = err
+                log.info(
+                    "nbd client: reconnect attempt %d to %s failed: %s",
+                    attempt + 1,
+                    self._where(),
+                    err,
+                )
+        raise NBDConnectionError(
+            f"cannot reconnect to {self._where()} after {self.settings.reconnect_attempts} attempts: {last}"
+        ) from last
+
+    def abort(self, reason: str = "aborted") -> dict[str, int]:
+        """Abortive close. Returns ``{"discarded": n, "in_flight": m}``.
+
+        ``discarded`` requests never left this process; ``in_flight`` ones were
+        (at least partly) sent and their outcome is unknown.
+        """
+        link, self._link = self._link, None
+        err = ConnectionAborted(f"NBD connection to {self._where()} was aborted ({reason})")
+        self._failure = err
+        if link is not None and link.transport is not None:
+            sock = link.transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):  # RST: the kernel drops its send queue too
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            link.transport.abort()  # drops asyncio's unsent buffer
+        discarded = 0
+        while self._queued:
+            waiter = self._queued.popleft()
+            if not waiter.done():
+                waiter.set_exception(err)
+                discarded += 1
+        in_flight = len(self._pending)  # sent (even if their caller gave up): fate unknown
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(err)
+        self._pending.clear()
+        return {"discarded": discarded, "in_flight": in_flight}
+
+    async def close(self) -> None:
+        """Graceful close: wait for requests in flight, send NBD_CMD_DISC."""
+        link = self._link
+        if link is None:
+            return
+        if self._pending:
+            with contextlib.suppress(NBDError):
+                await asyncio.gather(
+                    *(p.future for p in list(self._pending.values())), return_exceptions=True
+                )
+        if link.transport is not None and not link.transport.is_closing():
+            link.transport.write(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+            link.transport.close()
+        self._link = None
+        self._failure = ConnectionAborted(f"NBD connection to {self._where()} is closed")
+
+    async def __aenter__(self) -> NBDClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    # --- commands ---------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        result = await self._request(Cmd.READ, 0, offset, length)
+        assert isinstance(result, bytearray)
+        return bytes(result)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        await self._request(Cmd.WRITE, CmdFlag.FUA if fua else 0, offset, len(data), data)
+
+    async def flush(self) -> None:
+        await self._request(Cmd.FLUSH, 0, 0, 0)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._request(Cmd.TRIM, CmdFlag.FUA if fua else 0, offset, length)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
+    ) -> None:
+        flags = (CmdFlag.NO_HOLE if no_hole else 0) | (CmdFlag.FUA if fua else 0)
+        await self._request(Cmd.WRITE_ZEROES, flags, offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` runs ``(length, flags)`` from ``offset`` (connect with allocation=True)."""
+        if self._context is None:
+            raise LocalProtocolError(
+                "base:allocation was not negotiated; connect with allocation=True"
+            )
+        result = await self._request(Cmd.BLOCK_STATUS, 0, offset, length)
+        assert isinstance(result, list)
+        return result
+
+    async def raw_request(
+        self, cmd: int, flags: int, offset: int, length: int, payload: bytes = b""
+    ) -> object:
+        """Send any request, even one the server should refuse (for tests)."""
+        return await self._request(cmd, flags, offset, length, payload)
+
+    async def _request(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> object:
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await self._submit(cmd, flags, offset, length, payload)
+        except TimeoutError as err:
+            self.abort(f"{_name(cmd)} timed out")
+            raise RequestTimeout(
+                f"NBD {_name(cmd)} at {offset} took longer than {self.settings.request_timeout_s} s; "
+                "the connection was aborted"
+            ) from err
+
+    async def _submit(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload: bytes | bytearray | memoryview,
+    ) -> object:
+        if self._link is None:
+            raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
+        if self._in_flight >= self.settings.max_in_flight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queued.append(waiter)
+            try:
+                await waiter  # _release hands its slot over; abort() fails it
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._release()  # we were handed a slot but are leaving
+                raise
+        else:
+            self._in_flight += 1
+        try:
+            link = self._link
+            if link is None or link.transport is None:
+                raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
+            cookie = next(self._cookies)
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            pending = _Pending(cmd, offset, fut)
+            if cmd == Cmd.READ:
+                pending.buf = bytearray(length)
+                link.parser.expect_read(cookie, offset, length, pending.buf)
+            self._pending[cookie] = pending
+            header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+            if len(payload) <= _PIECE and not link.write_lock.locked():
+                # written without yielding: cannot interleave with another request
+                link.transport.write(header)
+                if payload:
+                    link.transport.write(payload)
+            else:
+                try:
+                    await _write_in_pieces(link, header, payload)
+                except BaseException:
+                    # a request cut off mid-payload leaves the stream unusable
+                    self.abort("a request was cancelled while being sent")
+                    raise
+            # If our caller cancels this await, the entry stays in _pending until
+            # the server's reply arrives and is dropped: the connection stays usable.
+            return await fut
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._queued:
+            waiter = self._queued.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the waiter
+                return
+        self._in_flight -= 1
+
+    # --- replies ----------------------------------------------------------
+
+    def _on_reply(self, ev: ReplyEvent) -> None:
+        pending = self._pending.get(ev.cookie)
+        if pending is None:
+            raise RemoteProtocolError(f"reply for unknown cookie {ev.cookie}")
+        if ev.error:
+            if not pending.error:
+                pending.error, pending.message = ev.error, ev.message
+        elif ev.data and pending.buf is not None:
+            start = ev.offset - pending.offset
+            if start < 0 or start + len(ev.data) > len(pending.buf):
+                raise RemoteProtocolError("read reply chunk lies outside the request")
+            pending.buf[start : start + len(ev.data)] = ev.data
+        elif ev.extents:
+            pending.extents.extend(ev.extents)
+        if not ev.done:
+            return
+        del self._pending[ev.cookie]
+        if pending.future.done():  # abandoned by a cancelled caller
+            return
+        if pending.error:
+            pending.future.set_exception(
+                NBDCommandError(_name(pending.cmd), pending.error, pending.message)
+            )
+        elif pending.cmd == Cmd.READ:
+            pending.future.set_result(pending.buf)
+        elif pending.cmd == Cmd.BLOCK_STATUS:
+            pending.future.set_result(pending.extents)
+        else:
+            pending.future.set_result(None)
+
+    def _connection_failed(self, link: _Link, err: NBDError) -> None:
+        if link is not self._link:
+            return
+        log.warning("nbd client: connection to %s failed: %s", self._where(), err)
+        self._link = None
+        self._failure = err
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(err)
+        self._pending.clear()
+
+    def _where(self) -> str:
+        where = (
+            self.address
+            if isinstance(self.address, str)
+            else f"{self.address[0]}:{self.address[1]}"
+        )
+        return f"{where} export {self.export!r}"
+
+
+def _name(cmd: int) -> str:
+    try:
+        return Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd}"
+
+
+_PIECE = 256 * 1024
+
+
+async def _write_in_pieces(
+    link: _Link, header: bytes, payload: bytes | bytearray | memoryview
+) -> None:
+    """Write one request, yielding to flow control between pieces of its payload."""
+    async with link.write_lock:
+        transport = link.transport
+        assert transport is not None
+        transport.write(header)
+        view = memoryview(payload)
+        for pos in range(0, len(view), _PIECE):
+            await link.writable.wait()
+            if transport.is_closing():
+                return  # aborted: the request's future carries the error
+            transport.write(view[pos : pos + _PIECE])
+
+
+def _abort_link(link: _Link | None) -> None:
+    if link is not None and link.transport is not None:
+        link.transport.abort()

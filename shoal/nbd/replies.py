@@ -1,0 +1,248 @@
+"""Transmission-phase replies: encoding (server) and decoding (client), without I/O.
+
+Simple reply (16 bytes, then the data of a successful READ)::
+
+    magic 0x67446698 (4) | error (4) | cookie (8)
+
+Structured reply chunk (20-byte header, then ``length`` bytes of payload)::
+
+    magic 0x668e33ef (4) | flags (2) | type (2) | cookie (8) | length (4)
+
+The server sends a READ as one OFFSET_DATA chunk flagged DONE (so DF is
+always honoured), BLOCK_STATUS as one BLOCK_STATUS chunk flagged DONE, and
+errors as one ERROR chunk flagged DONE carrying a message. Without
+structured replies every reply is simple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shoal.nbd import wire
+from shoal.nbd.constants import (
+    REPLY_FLAG_DONE,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+)
+from shoal.nbd.errors import RemoteProtocolError
+
+SIMPLE = wire.SIMPLE_REPLY.size
+DATA_HEADER = wire.DATA_CHUNK_HEADER.size
+_simple_pack = wire.SIMPLE_REPLY.pack
+_simple_pack_into = wire.SIMPLE_REPLY.pack_into
+_data_pack_into = wire.DATA_CHUNK_HEADER.pack_into
+_OFFSET_DATA = int(Chunk.OFFSET_DATA)
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return _simple_pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def pack_read_header(
+    buf: bytearray | memoryview,
+    cookie: int,
+    offset: int,
+    length: int,
+    structured: bool,
+    at: int = 0,
+) -> int:
+    """Write the header of a successful READ reply at ``buf[at:]``; return its size."""
+    if structured:
+        _data_pack_into(
+            buf,
+            at,
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE,
+            _OFFSET_DATA,
+            cookie,
+            length + 8,
+            offset,
+        )
+        return DATA_HEADER
+    _simple_pack_into(buf, at, SIMPLE_REPLY_MAGIC, 0, cookie)
+    return SIMPLE
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    msg = message.encode()[:4096]
+    payload = wire.ERROR_PAYLOAD.pack(error, len(msg)) + msg
+    return (
+        wire.CHUNK_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Chunk.ERROR, cookie, len(payload)
+        )
+        + payload
+    )
+
+
+def error_reply(cookie: int, error: int, message: str, structured: bool) -> bytes:
+    return error_chunk(cookie, error, message) if structured else simple_reply(cookie, error)
+
+
+def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
+    payload = bytearray(wire.U32.pack(context_id))
+    for length, flags in extents:
+        payload += wire.EXTENT.pack(length, flags)
+    return (
+        wire.CHUNK_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Chunk.BLOCK_STATUS, cookie, len(payload)
+        )
+        + payload
+    )
+
+
+# --- client side --------------------------------------------------------------
+
+
+@dataclass
+class ReplyEvent:
+    """One simple reply, or one structured chunk (``done`` on the last one).
+
+    For a read, ``data`` holds the bytes and ``offset`` where they go
+    (OFFSET_DATA), or ``hole`` the length of zeros at ``offset`` (OFFSET_HOLE).
+    """
+
+    cookie: int
+    done: bool
+    error: int = 0
+    message: str = ""
+    offset: int = 0
+    data: bytes = b""
+    hole: int = 0
+    filled: int = 0  # bytes already copied into the read's destination
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    context_id: int = 0
+
+
+class ReplyParser:
+    """Splits the server's byte stream into :class:`ReplyEvent`.
+
+    A simple reply to a READ carries data whose length only the request
+    knows, so :meth:`expect_read` must be told about every read in flight.
+    Given a destination buffer, read data is copied straight into it (the
+    event then has ``data == b""`` and ``filled`` set) instead of being
+    sliced out as new bytes objects.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        # cookie -> (offset, length, destination or None)
+        self._reads: dict[int, tuple[int, int, bytearray | None]] = {}
+
+    def expect_read(
+        self, cookie: int, offset: int, length: int, dest: bytearray | None = None
+    ) -> None:
+        self._reads[cookie] = (offset, length, dest)
+
+    def forget(self, cookie: int) -> None:
+        self._reads.pop(cookie, None)
+
+    def receive_data(self, data: bytes) -> list[ReplyEvent]:
+        self._buf += data
+        events: list[ReplyEvent] = []
+        while True:
+            event = self._next()
+            if event is None:
+                return events
+            events.append(event)
+
+    def _next(self) -> ReplyEvent | None:
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        (magic,) = wire.U32.unpack_from(buf)
+        if magic == SIMPLE_REPLY_MAGIC:
+            if len(buf) < SIMPLE:
+                return None
+            _, error, cookie = wire.SIMPLE_REPLY.unpack_from(buf)
+            read = self._reads.get(cookie)
+            filled = 0
+            if read is not None and not error:
+                end = SIMPLE + read[1]
+                if len(buf) < end:
+                    return None
+                dest = read[2]
+                if dest is not None and len(dest) == read[1]:
+                    with memoryview(buf) as view:
+                        dest[:] = view[SIMPLE:end]
+                    data, filled = b"", read[1]
+                else:
+                    data = bytes(buf[SIMPLE:end])
+            else:
+                end, data = SIMPLE, b""
+            del buf[:end]
+            self._reads.pop(cookie, None)
+            offset = read[0] if read else 0
+            return ReplyEvent(cookie, True, error=error, offset=offset, data=data, filled=filled)
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+        if len(buf) < wire.CHUNK_HEADER.size:
+            return None
+        _, flags, ctype, cookie, length = wire.CHUNK_HEADER.unpack_from(buf)
+        end = wire.CHUNK_HEADER.size + length
+        if len(buf) < end:
+            return None
+        done = bool(flags & REPLY_FLAG_DONE)
+        read = self._reads.get(cookie)
+        if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
+            event = self._data_into(buf, cookie, done, end, read)
+        else:
+            event = _chunk_event(cookie, done, ctype, bytes(buf[wire.CHUNK_HEADER.size : end]))
+        del buf[:end]
+        if done:
+            self._reads.pop(cookie, None)
+        return event
+
+    def _data_into(
+        self,
+        buf: bytearray,
+        cookie: int,
+        done: bool,
+        end: int,
+        read: tuple[int, int, bytearray | None],
+    ) -> ReplyEvent:
+        """Copy an OFFSET_DATA chunk straight into the read's destination."""
+        head = wire.CHUNK_HEADER.size
+        (offset,) = wire.U64.unpack_from(buf, head)
+        start = offset - read[0]
+        n = end - head - 8
+        dest = read[2]
+        assert dest is not None
+        if start < 0 or start + n > len(dest):
+            raise RemoteProtocolError("read reply chunk lies outside the request")
+        with memoryview(buf) as view:
+            dest[start : start + n] = view[head + 8 : end]
+        return ReplyEvent(cookie, done, offset=offset, filled=n)
+
+
+def _chunk_event(cookie: int, done: bool, ctype: int, payload: bytes) -> ReplyEvent:
+    ev = ReplyEvent(cookie, done)
+    if ctype == Chunk.NONE:
+        if payload:
+            raise RemoteProtocolError("NBD_REPLY_TYPE_NONE with a payload")
+    elif ctype == Chunk.OFFSET_DATA:
+        if len(payload) < 9:
+            raise RemoteProtocolError("short OFFSET_DATA chunk")
+        (ev.offset,) = wire.U64.unpack_from(payload)
+        ev.data = payload[8:]
+    elif ctype == Chunk.OFFSET_HOLE:
+        if len(payload) != 12:
+            raise RemoteProtocolError("OFFSET_HOLE chunk is not 12 bytes")
+        ev.offset, ev.hole = wire.U64.unpack_from(payload)[0], wire.U32.unpack_from(payload, 8)[0]
+    elif ctype == Chunk.BLOCK_STATUS:
+        if len(payload) < 12 or (len(payload) - 4) % 8:
+            raise RemoteProtocolError("malformed BLOCK_STATUS chunk")
+        (ev.context_id,) = wire.U32.unpack_from(payload)
+        ev.extents = [wire.EXTENT.unpack_from(payload, p) for p in range(4, len(payload), 8)]
+    elif ctype & 0x8000:
+        if len(payload) < 6:
+            raise RemoteProtocolError("short error chunk")
+        ev.error, mlen = wire.ERROR_PAYLOAD.unpack_from(payload)
+        if 6 + mlen > len(payload):
+            raise RemoteProtocolError("error chunk message is longer than the chunk")
+        ev.message = payload[6 : 6 + mlen].decode(errors="replace")
+        if not ev.error:
+            raise RemoteProtocolError("error chunk with error 0")
+    else:
+        raise RemoteProtocolError(f"unknown structured reply type {ctype}")
+    return ev

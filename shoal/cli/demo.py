@@ -1,7 +1,9 @@
 """``shoal demo``: a narrated tour for a newcomer, on real files, that cleans up after itself.
 
-Today it shows the shared volume: format, import a sparse VM disk, look at it, export it
-back byte-identical, check it. Later capabilities extend it to the whole cluster.
+Part 1, the shared volume: format, import a sparse VM disk, look at it, export it back
+byte-identical, check it. Part 2, the cluster: three hosts in network namespaces with
+their cluster networks and metrics, a real link fault and the failover of internal
+traffic, then the restore. Later capabilities extend it (coordinator, VMs).
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from shoal.util.sizes import format_size
@@ -22,6 +29,7 @@ from shoal.volume.volume import Volume
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="a narrated tour of shoal on this machine (cleans up after itself)")
     p.add_argument("--dir", help="work here and keep the files (default: a temporary directory, removed)")
+    p.add_argument("--volume-only", action="store_true", help="skip the cluster part (no lab)")
     p.set_defaults(handler=cmd_demo)
 
 
@@ -53,14 +61,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work = args.dir or tempfile.mkdtemp(prefix="shoal-demo-")
     os.makedirs(work, exist_ok=True)
     try:
-        return _run(work)
+        ok = _run(work)
+        if not args.volume_only:
+            ok = _cluster(work) and ok
+        _say("Done. Next: `./run test` runs the whole suite; README.md lists the commands.")
+        return 0 if ok else 1
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
             print(f"\nremoved {work}")
 
 
-def _run(work: str) -> int:
+def _run(work: str) -> bool:
     lun = os.path.join(work, "lun.img")
     disk = os.path.join(work, "vm-disk.raw")
     back = os.path.join(work, "vm-disk.exported.raw")
@@ -96,5 +108,64 @@ def _run(work: str) -> int:
     report = fsck.fsck(lun)
     print("clean" if report.exit_code == 0 else f"problems: {[p.message for p in report.problems]}")
 
-    _say("Done. Next: run `./run test` for the whole suite, or see README.md for the commands.")
-    return 0 if same and report.exit_code == 0 else 1
+    return same and report.exit_code == 0
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float) -> float | None:
+    """Seconds until ``cond`` held, or None if it did not within ``timeout_s``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if cond():
+                return time.monotonic() - t0
+        except Exception:  # noqa: BLE001 - an agent still starting answers nothing yet
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def _after(seconds: float | None) -> str:
+    return "did not happen within the time allowed" if seconds is None else f"after {seconds:.1f} s"
+
+
+def _cluster(work: str) -> bool:
+    from shoal.agent.control import request
+    from shoal.lab.lab import Lab
+
+    lab_dir = os.path.join(work, "lab")
+    lab = Lab(Path(lab_dir))
+    _say("Part 2: a cluster of three hosts on this machine (network namespaces), each with an "
+         "agent,\n   three cluster networks and a storage network with an NBD target serving the LUN.")
+    st = lab.up(3, name="demo", say=lambda s: None)
+    try:
+        def status(node: str) -> dict[str, Any]:
+            return dict(request(Path(st.dir) / "run" / f"{node}.sock", "status", timeout_s=5))
+
+        def internal(a: str, b: str) -> str:
+            return str(status(a)["routes"][b]["internal"])
+
+        def all_up() -> bool:
+            return all(status(a)["nodes"][b]["state"] == "up" for a in st.nodes for b in st.nodes if a != b)
+
+        took = _wait(all_up, 30)
+        when = "not yet" if took is None else f"after {took:.1f} s"
+        print(f"{len(st.nodes)} agents up and heartbeating each other on every network ({when}); mode: {st.mode}")
+        _say("Networks get metrics as in Windows Server 2008 R2: cluster-only 1000, 1100…, "
+             "cluster-and-client 10000…\n   Internal traffic takes the lowest metric, live migration the second-lowest.")
+        subprocess.run([sys.executable, "-m", "shoal", "lab", "exec", "--dir", lab_dir, "node1", "--",
+                        sys.executable, "-m", "shoal", "network", "ls"], check=False)
+        _say("Cut node2's link on the 'cluster' network (a real link down). After 5 missed heartbeats "
+             "internal\n   traffic between node2 and the others moves to the next network; nobody is declared down.")
+        lab.set_link("node2", "cluster", up=False)
+        moved = _wait(lambda: internal("node1", "node2") == "migration", 15)
+        still_up = status("node1")["nodes"]["node2"]["state"] == "up"
+        print(f"node1 -> node2 internal traffic now on: {internal('node1', 'node2')} "
+              f"({_after(moved)}); node2 is {'up' if still_up else 'DOWN'}")
+        _say("Restore the link: traffic returns after 3 good heartbeats in a row (hysteresis).")
+        lab.set_link("node2", "cluster", up=True)
+        back = _wait(lambda: internal("node1", "node2") == "cluster", 15)
+        print(f"node1 -> node2 internal traffic back on: {internal('node1', 'node2')} ({_after(back)})")
+        return took is not None and moved is not None and still_up and back is not None
+    finally:
+        lab.down("demo")
+        print("lab removed: namespaces, agents, storage target and files")

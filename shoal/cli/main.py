@@ -14,9 +14,9 @@ from shoal.errors import ShoalError
 
 #: modules offering ``register(subparsers)``; order is the order in ``--help``
 COMMAND_MODULES = [
+    "shoal.cli.demo",
     "shoal.volume.cli",
     "shoal.nbd.cli",
-    "shoal.cli.demo",
     "shoal.config.cli",
     "shoal.agent.cli",
     "shoal.netft.cli",

@@ -65,6 +65,7 @@ def import_ratio(work: str, size: int) -> tuple[float, float, float]:
     def dd() -> float:
         if os.path.exists(raw):
             os.unlink(raw)
+        os.sync()  # start from clean page cache state: earlier writeback must not skew a run
         t = time.monotonic()
         subprocess.run(["dd", f"if={src}", f"of={raw}", "bs=4M", "conv=fsync", "status=none"], check=True)
         return time.monotonic() - t
@@ -73,14 +74,17 @@ def import_ratio(work: str, size: int) -> tuple[float, float, float]:
         if os.path.exists(vol):
             os.unlink(vol)
         format_volume(vol, size * 2, name="bench")
+        os.sync()
         t = time.monotonic()
         with Volume.open(vol, offline=False) as v:
             transfer.import_file(v, src, "/disk.raw")
         return time.monotonic() - t
 
     dd()  # warm the page cache with the source, as both runs read it from there
-    best_dd = min(dd() for _ in range(2))
-    best_shoal = min(shoal_import() for _ in range(2))
+    # alternate so slow phases of the machine hit both sides alike
+    runs = [(dd(), shoal_import()) for _ in range(3)]
+    best_dd = min(r[0] for r in runs)
+    best_shoal = min(r[1] for r in runs)
     return best_dd / best_shoal, size / best_dd / 2**20, size / best_shoal / 2**20
 
 

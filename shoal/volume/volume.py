@@ -341,6 +341,15 @@ class Volume:
             raise NotADirectory(f"{self.meta.path_of(parent.ino)} is not a directory", path=path)
         return parent, names[-1]
 
+    def _claim_name(self, path: str) -> tuple[Inode, str, int]:
+        """Parent, name and a fresh inode number for a new entry; caller holds ``_lock``."""
+        parent, name = self._parent_and_name(path)
+        if name in parent.children:
+            raise AlreadyExists(f"{path} already exists; remove it first or choose another name", path=path)
+        ino = self.meta.next_ino
+        self.meta.next_ino += 1
+        return parent, name, ino
+
     def _stat(self, node: Inode) -> Stat:
         return Stat(
             path=self.meta.path_of(node.ino), ino=node.ino,
@@ -396,11 +405,7 @@ class Volume:
             if self.exists(path) and self.stat(path).kind == "directory":
                 return self.stat(path)
         with self._lock:
-            parent, name = self._parent_and_name(path)
-            if name in parent.children:
-                raise AlreadyExists(f"{path} already exists", path=path)
-            ino = self.meta.next_ino
-            self.meta.next_ino += 1
+            parent, name, ino = self._claim_name(path)
             ticket = self._log([ops.Create(ino, parent.ino, ops.DIRECTORY, 0, _now_ns(), name)])
         self._wait(ticket)
         return self.stat(path)
@@ -444,11 +449,7 @@ class Volume:
             for unit, n in runs:
                 self.device.write_zeroes(self.sb.unit_offset(unit), n * U)
             with self._lock:
-                parent, name = self._parent_and_name(path)
-                if name in parent.children:
-                    raise AlreadyExists(f"{path} already exists; remove it first or choose another name", path=path)
-                ino = self.meta.next_ino
-                self.meta.next_ino += 1
+                parent, name, ino = self._claim_name(path)
                 now = _now_ns()
                 flags = ops.PREALLOCATED if preallocate else 0
                 batch: list[ops.Op] = [ops.Create(ino, parent.ino, ops.FILE, flags, now, name)]

@@ -815,6 +815,44 @@ class VolumeFile:
         finally:
             io.release_exclusive()
 
+    def allocate(self, offset: int, length: int) -> int:
+        """Map the holes of the range to zeroed units without writing data; returns how
+        many units were mapped. For a node that writes straight to the LUN: the whole new
+        units are zeroed and flushed before the record that maps them (no stale data)."""
+        vol = self.vol
+        vol._check_writable()
+        if length == 0:
+            return 0
+        U = self.unit_size
+        io = vol._io_lock(self.ino)
+        io.acquire_shared()
+        try:
+            with vol._alloc_lock(self.ino):
+                with vol._lock:
+                    self._check_range(offset, length, self._node().size)
+                new = self._reserve_range(offset // U, -(-(offset + length) // U))
+                try:
+                    for _, unit, cnt in new:
+                        vol.device.write_zeroes(vol.sb.unit_offset(unit), cnt * U)
+                    tickets = []
+                    for i in range(0, len(new), MAX_OPS_PER_TXN):
+                        chunk = new[i : i + MAX_OPS_PER_TXN]
+                        with vol._lock:
+                            tickets.append(vol._log([ops.Map(self.ino, fu, u, c) for fu, u, c in chunk],
+                                                    data_first=True))
+                            for _, unit, _ in chunk:
+                                vol._reserved.pop(unit, None)
+                except BaseException:
+                    with vol._lock:
+                        still = [(u, c) for _, u, c in new if u in vol._reserved]
+                    vol._unreserve(still, free=True)
+                    raise
+                if tickets:
+                    vol._wait(tickets[-1])
+                return sum(c for _, _, c in new)
+        finally:
+            io.release_shared()
+
     def _reserve_range(self, first: int, end: int) -> list[tuple[int, int, int]]:
         """Reserve units for the holes of file units ``[first, end)``."""
         new: list[tuple[int, int, int]] = []

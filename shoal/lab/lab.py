@@ -106,7 +106,8 @@ class LabState:
 
 class Lab:
     def __init__(self, directory: str | os.PathLike[str] | None = None):
-        self.dir = Path(directory) if directory else default_dir()
+        # absolute: the config written here names files relative to its own directory
+        self.dir = Path(directory).resolve() if directory else default_dir()
         self.state_file = self.dir / "lab.json"
 
     # -- state ----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,8 +34,12 @@ def batch(lines: list[str], ns: str | None = None) -> None:
 
 
 def list_netns(prefix: str) -> list[str]:
+    """The namespaces of the lab whose names start with ``prefix`` (``shoal-NAME-``):
+    exactly ``{prefix}sw`` and ``{prefix}node<digits>``, so lab ``a`` never matches the
+    namespaces of a lab called ``a-b``."""
+    pattern = re.compile(re.escape(prefix) + r"(?:sw|node\d+)")
     try:
-        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+        return sorted(p.name for p in NETNS_DIR.iterdir() if pattern.fullmatch(p.name))
     except FileNotFoundError:
         return []
 

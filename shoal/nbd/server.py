@@ -271,6 +271,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._process()
         except RemoteProtocolError as err:
             self.close(str(err))
+        except Exception as err:  # noqa: BLE001 - e.g. a backend lookup failing: this client only
+            log.exception("nbd %s: internal error; disconnecting", self.peer)
+            self.close(f"internal error: {err}")
         finally:
             self._flush_out()
 
@@ -319,6 +322,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._reading = want
         if want:
             transport.resume_reading()
+            if self.phase is Phase.TRANSMISSION and self._start != self._end:
+                # requests received before the pause: process them now
+                try:
+                    self._process()
+                except RemoteProtocolError as err:
+                    self.close(str(err))
+                finally:
+                    self._flush_out()
         else:
             transport.pause_reading()
 
@@ -404,7 +415,9 @@ class _Connection(asyncio.BufferedProtocol):
         view = self._rxv
         start, end = self._start, self._end
         max_payload = self._max_payload
-        while start < end and self.phase is Phase.TRANSMISSION:
+        # stop while paused: requests already received wait in the buffer, so a client
+        # that floods requests without reading replies costs bounded memory
+        while start < end and self.phase is Phase.TRANSMISSION and self._reading:
             req, nxt = parse_request(view, start, end, max_payload)
             if req is None:
                 if nxt > len(self._rx) - start:  # message larger than the buffer: grow

@@ -124,24 +124,27 @@ class VolumeExports(Mapping[str, Backend]):
     def __init__(self, volume: Volume, *, read_only: bool = False):
         self.volume = volume
         self.read_only = read_only
-        self._cache: dict[str, VolumeFileBackend] = {}
+        self._cache: dict[int, VolumeFileBackend] = {}
 
     def __getitem__(self, name: str) -> Backend:
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
         from shoal.volume.errors import VolumeError
 
         try:
             st = self.volume.stat(name)
-            if st.kind != "file":
-                raise KeyError(name)
-            backend = VolumeFileBackend(
-                self.volume.open_file(name), name=name, read_only=self.read_only
-            )
         except VolumeError as err:
             raise KeyError(name) from err
-        self._cache[name] = backend
+        if st.kind != "file":
+            raise KeyError(name)
+        # keyed by inode, not name: after a rename, the name serves whatever file now has
+        # it, never the old inode (and name variants like //a share one backend)
+        cached = self._cache.get(st.ino)
+        if cached is not None:
+            return cached
+        try:
+            backend = VolumeFileBackend(self.volume.open_file(name), name=st.path, read_only=self.read_only)
+        except VolumeError as err:
+            raise KeyError(name) from err
+        self._cache[st.ino] = backend
         return backend
 
     def __iter__(self) -> Iterator[str]:

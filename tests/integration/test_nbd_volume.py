@@ -218,3 +218,25 @@ def test_a_full_volume_answers_enospc() -> None:
                     await c.write(100 * MiB, b"\x02" * 4096)
 
             asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_export_names_follow_renames(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An export is looked up by name each time: after /a is renamed to /b and a new /a
+    is created, the name /a serves the new file, never the old inode."""
+    from shoal.nbd.volume_backend import VolumeExports
+    from shoal.volume import Volume, format_volume
+
+    path = str(tmp_path / "v.img")
+    format_volume(path, 64 << 20)
+    with Volume.open(path) as vol:
+        vol.create("/a", 1 << 20).pwrite(0, b"old!")
+        exports = VolumeExports(vol)
+        first = exports["/a"]
+        vol.rename("/a", "/b")
+        vol.create("/a", 1 << 20).pwrite(0, b"new!")
+        second = exports["/a"]
+        assert second is not first
+        buf = bytearray(4)
+        second.read_into(0, memoryview(buf))
+        assert bytes(buf) == b"new!"
+        assert exports["/b"] is first and exports["//b"] is first

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -187,22 +188,25 @@ def parse_config(
         if key not in _CLUSTER_KEYS:
             problems.append(f"[cluster] has an unknown key {key!r}.")
     name = cl.get("name")
-    if not isinstance(name, str) or not name:
-        problems.append("[cluster] needs a name, e.g. name = \"demo\".")
+    if not isinstance(name, str) or not name or not name.isprintable():
+        problems.append("[cluster] needs a name of printable characters, e.g. name = \"demo\".")
         name = "?"
+    for key in ("secret_file", "run_dir"):
+        if key in cl and (not isinstance(cl[key], str) or not cl[key] or not cl[key].isprintable()):
+            problems.append(f"[cluster] {key} must be a path in quotes, not {cl[key]!r}.")
     secret_file = base / str(cl.get("secret_file", "cluster.secret"))
     run_dir = base / str(cl.get("run_dir", "/run/shoal"))
     ports = {}
     for key, default in (("heartbeat_port", 3343), ("rpc_port", 3344)):
         v = cl.get(key, default)
-        if not isinstance(v, int) or not 1 <= v <= 65535:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
             problems.append(f"[cluster] {key} must be a port number between 1 and 65535, not {v!r}.")
             v = default
         ports[key] = v
     if ports["heartbeat_port"] == ports["rpc_port"]:
         problems.append("[cluster] heartbeat_port and rpc_port must differ.")
     generation = cl.get("generation", 1)
-    if not isinstance(generation, int) or generation < 1:
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
         problems.append(f"[cluster] generation must be a positive whole number, not {generation!r}.")
         generation = 1
 
@@ -386,8 +390,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str | Path):
-        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{s}"'
+        return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, list | tuple):

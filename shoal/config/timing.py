@@ -19,6 +19,7 @@ what later Windows used on busy networks (1 s, 10 missed); ``fast`` is for tests
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -97,7 +98,7 @@ def timing_from_table(table: dict[str, Any]) -> tuple[Timing, str, list[str]]:
     """
     problems: list[str] = []
     profile = table.get("profile", "default")
-    if profile not in PROFILES:
+    if not isinstance(profile, str) or profile not in PROFILES:
         problems.append(
             f"[timing] profile {profile!r} is unknown; use one of {', '.join(sorted(PROFILES))}."
         )
@@ -119,6 +120,9 @@ def timing_from_table(table: dict[str, Any]) -> tuple[Timing, str, list[str]]:
         ):
             kind = "a whole number" if want_int else "a number of seconds"
             problems.append(f"[timing] {key} must be {kind}, not {value!r}.")
+            continue
+        if not math.isfinite(value):
+            problems.append(f"[timing] {key} must be a finite number, not {value!r}.")
             continue
         overrides[key] = float(value) if not want_int else int(value)
     timing = replace(timing, **overrides)

@@ -209,6 +209,7 @@ class NBDClient:
         self._in_flight = 0
         self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failure: NBDError | None = None
+        self._closing = False
 
     # --- lifecycle --------------------------------------------------------
 
@@ -258,6 +259,7 @@ class NBDClient:
         self.block_sizes = ready.block_sizes
         self._context = ready.allocation_context
         self._failure = None
+        self._closing = False
 
     async def reconnect(self) -> None:
         """Abort the current connection (if any) and open a new one, retrying."""
@@ -315,6 +317,9 @@ class NBDClient:
         link = self._link
         if link is None:
             return
+        # refuse new requests from now on: one submitted while we wait below would be
+        # sent on a link we are about to close and never answered
+        self._closing = True
         if self._pending:
             with contextlib.suppress(NBDError):
                 await asyncio.gather(
@@ -404,6 +409,8 @@ class NBDClient:
     ) -> object:
         if self._link is None:
             raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
+        if self._closing:
+            raise ConnectionAborted(f"NBD connection to {self._where()} is closing")
         if self._in_flight >= self.settings.max_in_flight:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queued.append(waiter)

@@ -182,3 +182,52 @@ def test_a_cancelled_request_does_not_break_the_connection(gated: tuple[Backgrou
             assert c.connected
 
     run(scenario())
+
+
+def test_a_request_during_close_is_refused_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """close() waits for requests in flight; one submitted meanwhile fails at once
+    instead of going out on a link about to close and timing out unanswered."""
+    import time as _time
+
+    from shoal.nbd.backend import Backend
+    from shoal.nbd.client import ClientSettings, NBDClient
+    from shoal.nbd.errors import NBDError
+    from shoal.nbd.server import NBDServer
+
+    class SlowFlush(Backend):
+        size = 1 << 20
+
+        def read_into(self, offset, buf):  # type: ignore[no-untyped-def]
+            buf[:] = bytes(len(buf))
+
+        def write(self, offset, data, fua=False):  # type: ignore[no-untyped-def]
+            pass
+
+        def write_zeroes(self, *a, **k):  # type: ignore[no-untyped-def]
+            pass
+
+        def trim(self, *a, **k):  # type: ignore[no-untyped-def]
+            pass
+
+        def flush(self) -> None:
+            _time.sleep(0.5)
+
+    async def main() -> float:
+        sock = str(tmp_path / "c.sock")
+        srv = NBDServer({"": SlowFlush()}, threads=2)
+        await srv.listen_unix(sock)
+        c = await NBDClient.connect(sock, "", ClientSettings(request_timeout_s=5))
+        first = asyncio.create_task(c.flush())
+        await asyncio.sleep(0.05)
+        closer = asyncio.create_task(c.close())
+        await asyncio.sleep(0.05)
+        t = _time.monotonic()
+        with pytest.raises(NBDError):
+            await c.flush()
+        took = _time.monotonic() - t
+        await closer
+        await first
+        await srv.close()
+        return took
+
+    assert asyncio.run(main()) < 1.0

@@ -13,13 +13,17 @@ bumps the configuration generation, writes its own config file atomically,
 re-evaluates routes at once, and pushes the new network table to every peer
 over the authenticated channel. A peer that was unreachable catches up when it
 next comes up: agents exchange generations whenever a peer comes up, and the
-higher generation wins. No shared filesystem is assumed.
+newer configuration wins. Configurations are ordered by (generation, digest of
+the canonical network table) (see ``config_order``), so two different tables
+written with the same generation on both sides of a partition still settle on
+one, the same on every node. No shared filesystem is assumed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +39,13 @@ from shoal.agent.errors import AgentAlreadyRunning, AgentError
 from shoal.config.model import ClusterConfig, Network, Role, load_config, write_config
 from shoal.membership import Membership, NodeState
 from shoal.netft.channel import ChannelServer, Connection
-from shoal.netft.errors import AuthenticationFailed, NetftError, PeerUnreachable, RemoteError
+from shoal.netft.errors import (
+    AuthenticationFailed,
+    NetftError,
+    PeerUnreachable,
+    RemoteError,
+    RemoteProtocolError,
+)
 from shoal.netft.heartbeatd import Peer, Setup
 from shoal.netft.links import LinkState
 from shoal.netft.protocol import derive_key
@@ -59,6 +69,27 @@ def network_from_dict(d: dict[str, Any]) -> Network:
         role=Role(d["role"]),
         metric=None if metric == "auto" else int(metric),
     )
+
+
+def config_order(generation: int, networks: list[dict[str, Any]]) -> tuple[int, str]:
+    """The order of network configurations: higher generation first, then, for the same
+    generation with different tables, the greater digest of the canonical table.
+
+    Pure and the same on every node, so nodes that each wrote a different table with
+    the same generation (``network set`` on both sides of a partition) agree on the
+    winner when they meet again.
+    """
+    canon = json.dumps([network_from_dict(d).to_dict() for d in networks], sort_keys=True,
+                       separators=(",", ":"), default=str)
+    return int(generation), hashlib.sha256(canon.encode()).hexdigest()
+
+
+def is_newer(msg: Any, current: dict[str, Any]) -> bool:
+    """Whether a received ``{"generation", "networks"}`` message beats ``current``."""
+    if not isinstance(msg, dict) or "networks" not in msg:
+        return False
+    return config_order(msg.get("generation", 0), msg["networks"]) > config_order(
+        current["generation"], current["networks"])
 
 
 class NodeAgent:
@@ -99,7 +130,12 @@ class NodeAgent:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
 
     def event(self, kind: str, **fields: Any) -> None:
         self.events.append({"t": time.time(), "mono": time.monotonic(), "kind": kind, **fields})
@@ -278,6 +314,9 @@ class NodeAgent:
             if addr is None:
                 continue
             conn = self.conns.get((peer, net))
+            if conn is not None and conn.closed:
+                self._drop_conn(peer, net, conn)
+                conn = None
             try:
                 if conn is None:
                     async with asyncio.timeout(t.rpc_connect_timeout_s):
@@ -287,15 +326,26 @@ class NodeAgent:
                 async with asyncio.timeout(t.rpc_call_timeout_s):
                     result, data = await conn.call(op, args or {}, payload)
                 return result, data, net
-            except (OSError, TimeoutError, ConnectionError) as err:
+            except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as err:
                 errors.append(f"{net}: {err or type(err).__name__}")
-                old = self.conns.pop((peer, net), None)
-                if old is not None:
-                    old.close()
+                self._drop_conn(peer, net, conn)
             except AuthenticationFailed:
-                self.conns.pop((peer, net), None)
+                self._drop_conn(peer, net, conn)
+                raise
+            except BaseException:
+                # cancelled (the caller's timeout) mid-call: Connection.call closed it
+                if conn is not None and conn.closed:
+                    self._drop_conn(peer, net, conn)
                 raise
         raise PeerUnreachable(f"{peer} did not answer on any network ({'; '.join(errors) or 'no route'}).")
+
+    def _drop_conn(self, peer: str, net: str, conn: Connection | None) -> None:
+        """Forget and close a pooled connection (only this one, not a newer replacement)."""
+        if conn is None:
+            return
+        if self.conns.get((peer, net)) is conn:
+            del self.conns[(peer, net)]
+        conn.close()
 
     async def _auth_probe_loop(self) -> None:
         """Probe peers that are not up, so a wrong secret is noticed and said."""
@@ -315,6 +365,8 @@ class NodeAgent:
                         self.event("auth", peer=p.name, error=str(err))
                 except NetftError:
                     pass
+                except Exception:  # a bug or a peer we did not foresee: log, keep probing
+                    log.exception("probing %s failed", p.name)
             await asyncio.sleep(AUTH_PROBE_INTERVAL_S)
 
     async def _config_sync(self, peer: str) -> None:
@@ -323,7 +375,7 @@ class NodeAgent:
         except NetftError as err:
             log.info("configuration sync with %s failed: %s", peer, err)
             return
-        if isinstance(result, dict) and result.get("generation", 0) > self.cfg.generation:
+        if is_newer(result, self._networks_msg()):
             await self._apply_networks(result, source=peer)
 
     def _networks_msg(self) -> dict[str, Any]:
@@ -349,7 +401,7 @@ class NodeAgent:
         if op == "view":
             return self.local_view(), b""
         if op == "config_sync":
-            if args.get("generation", 0) > self.cfg.generation:
+            if is_newer(args, self._networks_msg()):
                 await self._apply_networks(args, source=peer)
             return self._networks_msg(), b""
         if op == "ping":
@@ -357,9 +409,9 @@ class NodeAgent:
         raise RemoteError(f"unknown request {op!r}")
 
     async def _apply_networks(self, msg: dict[str, Any], source: str) -> None:
-        gen = int(msg["generation"])
-        if gen <= self.cfg.generation:
+        if not is_newer(msg, self._networks_msg()):
             return
+        gen = int(msg["generation"])
         nets = tuple(network_from_dict(d) for d in msg["networks"])
         await self._set_networks(nets, gen)
         log.warning("networks updated to generation %d from %s", gen, source)

@@ -32,6 +32,7 @@ from shoal.netft.protocol import (
     decode_frame_sizes,
     decode_header,
     encode_frame,
+    parse_nonce,
     proof,
 )
 
@@ -116,11 +117,11 @@ class ChannelServer:
         msg, _ = await read_frame(r)
         peer = str(msg.get("node", "?"))
         try:
-            c_nonce = bytes.fromhex(str(msg.get("nonce", "")))
-        except ValueError:
+            c_nonce = parse_nonce(msg.get("nonce"))
+        except RemoteProtocolError:
             c_nonce = b""
         expected = proof(self.key, "client", self.cluster, s_nonce, c_nonce, peer)
-        if len(c_nonce) < 16 or not check_proof(expected, msg.get("proof")):
+        if not c_nonce or not check_proof(expected, msg.get("proof")):
             self.refusals += 1
             log.warning(
                 "refused agent connection on %s from %s claiming to be %s: it does not prove "
@@ -147,6 +148,7 @@ class Connection:
         self.w = w
         self.lock = asyncio.Lock()
         self.next_id = 0
+        self.broken = False
 
     @classmethod
     async def open(
@@ -162,7 +164,7 @@ class Connection:
                     f"{address}:{port} is {hello.get('node')!r} of cluster {hello.get('cluster')!r}, "
                     f"not {peer!r} of {cluster!r}; check the addresses in the configuration"
                 )
-            s_nonce = bytes.fromhex(str(hello.get("nonce", "")))
+            s_nonce = parse_nonce(hello.get("nonce"))
             c_nonce = os.urandom(16)
             w.write(encode_frame({"node": node, "nonce": c_nonce.hex(),
                                   "proof": proof(key, "client", cluster, s_nonce, c_nonce, node)}))
@@ -181,17 +183,36 @@ class Connection:
             raise
         return cls(peer, network, r, w)
 
+    @property
+    def closed(self) -> bool:
+        """Broken (a call was cut off or the peer broke the protocol) or closed: do not reuse."""
+        return self.broken or self.w.is_closing()
+
     async def call(self, op: str, args: dict[str, Any], payload: bytes = b"") -> tuple[Any, bytes]:
+        """One request and its answer.
+
+        If anything interrupts the call once it started (an error, a timeout or a
+        cancellation), the request and answer streams may be out of step: the
+        connection is marked broken and closed, and the caller must open a new one.
+        """
         async with self.lock:
+            if self.closed:
+                raise ConnectionResetError(f"connection to {self.peer} is closed")
             self.next_id += 1
-            self.w.write(encode_frame({"id": self.next_id, "op": op, "args": args}, payload))
-            await self.w.drain()
-            header, data = await read_frame(self.r)
-        if header.get("id") != self.next_id:
-            raise RemoteProtocolError(f"{self.peer} answered request {header.get('id')}, not {self.next_id}")
+            rid = self.next_id
+            try:
+                self.w.write(encode_frame({"id": rid, "op": op, "args": args}, payload))
+                await self.w.drain()
+                header, data = await read_frame(self.r)
+                if header.get("id") != rid:
+                    raise RemoteProtocolError(f"{self.peer} answered request {header.get('id')}, not {rid}")
+            except BaseException:
+                self.close()
+                raise
         if not header.get("ok"):
             raise RemoteError(f"{self.peer}: {header.get('error')}")
         return header.get("result"), data
 
     def close(self) -> None:
+        self.broken = True
         self.w.close()

@@ -21,6 +21,18 @@ Pipe protocol with the agent, one JSON object per line:
 The agent and this process share the host's monotonic clock, so ``last_rx``
 values are comparable with the agent's ``time.monotonic()``.
 The process exits when its stdin closes (the agent is gone).
+
+Replay protection: every heartbeat carries the sender's boot id and a sequence
+number. The boot id is the sender's wall-clock time in nanoseconds when its
+heartbeatd started, so boots are ordered: a receiver accepts a heartbeat only if
+(boot id, seq) is greater than the last pair it accepted from that peer on that
+network. Captured heartbeats from earlier boots, replayed in any order, are
+ignored. Edge case: a peer whose wall clock went backwards across a restart is
+not heard until its clock passes the value of its previous start (or until this
+process restarts and forgets the old value).
+
+The UDP sockets are bound without SO_REUSEADDR, so no other local process can
+bind the same address and port to steal unicast heartbeats.
 """
 
 from __future__ import annotations
@@ -118,6 +130,15 @@ def raise_priority() -> str:
         return "normal priority (not root: could not raise it)"
 
 
+def is_fresh(prev: tuple[int, int] | None, boot_id: int, seq: int) -> bool:
+    """Whether a heartbeat (boot_id, seq) is newer than the last one accepted.
+
+    Boot ids are ordered (wall-clock ns at the sender's start), so a heartbeat
+    from an older boot of the peer is a replay, never a restart.
+    """
+    return prev is None or (boot_id, seq) > prev
+
+
 class _NetProtocol(asyncio.DatagramProtocol):
     def __init__(self, daemon: Heartbeatd, network: str):
         self.daemon = daemon
@@ -135,7 +156,8 @@ class Heartbeatd:
     def __init__(self, setup: Setup, out: asyncio.WriteTransport | None):
         self.s = setup
         self.out = out
-        self.boot_id = int.from_bytes(os.urandom(8), "big")
+        # ordered boot id: the wall clock at process start, in ns (see the module doc)
+        self.boot_id = time.time_ns()
         self.seq = 0
         self.by_id = {p.id: p for p in setup.peers}
         self.links: dict[tuple[str, str], Link] = {}
@@ -183,7 +205,8 @@ class Heartbeatd:
             addr = self.s.addresses[net]
             try:
                 sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # no SO_REUSEADDR: on UDP it would let any local process bind the same
+                # address and port and take our unicast heartbeats
                 # network control class: ahead of bulk traffic in qdiscs that look
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, 6)
                 sock.bind((addr, self.s.port))
@@ -236,9 +259,8 @@ class Heartbeatd:
             self.refuse(net, source, peer.name, f"{peer.name} is not at {source} on {net}", now)
             return
         key = (hb.sender, net)
-        prev = self.last_seen_seq.get(key)
-        if prev is not None and prev[0] == hb.boot_id and hb.seq <= prev[1]:
-            return  # replayed or reordered: ignore silently
+        if not is_fresh(self.last_seen_seq.get(key), hb.boot_id, hb.seq):
+            return  # replayed, reordered or from an older boot: ignore silently
         self.last_seen_seq[key] = (hb.boot_id, hb.seq)
         link = self.links.get((peer.name, net))
         if link is not None:

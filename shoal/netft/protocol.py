@@ -8,7 +8,7 @@ Heartbeat datagram (UDP, big-endian), 48 bytes::
     8   4  network tag: crc32 of the network name
     12  1  flags: bit 0 = "I hear you" (sender received us recently on this network)
     13  3  reserved, zero
-    16  8  boot id of the sender (random per process start)
+    16  8  boot id of the sender (wall-clock ns at its process start)
     24  8  sequence number, per (sender boot, receiver, network), increasing
     32 16  HMAC-SHA256 over bytes 0..31 with the heartbeat key, truncated
 
@@ -102,8 +102,21 @@ def proof(key: bytes, side: str, cluster: str, s_nonce: bytes, c_nonce: bytes, n
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+NONCE_SIZE = 16
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_nonce(value: Any) -> bytes:
+    """A handshake nonce from the wire: exactly NONCE_SIZE bytes as hex, else RemoteProtocolError."""
+    if not isinstance(value, str) or len(value) != 2 * NONCE_SIZE or not set(value) <= _HEX:
+        raise RemoteProtocolError("peer sent a handshake nonce that is not 16 bytes of hex")
+    return bytes.fromhex(value)
+
+
 def check_proof(expected: str, got: Any) -> bool:
-    return isinstance(got, str) and hmac.compare_digest(expected, got)
+    # compare_digest raises TypeError on non-ASCII str: check the shape first
+    return (isinstance(got, str) and len(got) == len(expected) and got.isascii()
+            and hmac.compare_digest(expected, got))
 
 
 _FRAME = struct.Struct(">II")

@@ -94,3 +94,84 @@ def test_channel_wrong_secret_refused_and_counted() -> None:
             srv.close()
 
     asyncio.run(main())
+
+
+def test_call_cut_off_mid_flight_breaks_the_connection_not_the_next_call() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+            if op == "slow":
+                await release.wait()
+            return {"op": op}, b""
+
+        srv = ChannelServer("demo", "a", derive_key(b"k" * 32, "demo", "channel"), handler)
+        await srv.listen("cluster", "127.0.0.1", 0)
+        port = srv.servers["cluster"].sockets[0].getsockname()[1]
+        try:
+            conn = await Connection.open("demo", "b", derive_key(b"k" * 32, "demo", "channel"), "a",
+                                         "cluster", "127.0.0.1", port)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await conn.call("slow", {})  # request sent, answer never read
+            release.set()
+            assert conn.closed  # out of step for good: closed, never reused
+            with pytest.raises(ConnectionResetError):
+                await conn.call("fast", {})
+            fresh = await Connection.open("demo", "b", derive_key(b"k" * 32, "demo", "channel"), "a",
+                                          "cluster", "127.0.0.1", port)
+            assert (await fresh.call("fast", {}))[0] == {"op": "fast"}
+            fresh.close()
+        finally:
+            srv.close()
+
+    asyncio.run(main())
+
+
+def test_handshake_fields_are_validated() -> None:
+    from shoal.netft.errors import RemoteProtocolError
+    from shoal.netft.protocol import check_proof, encode_frame, parse_nonce
+
+    with pytest.raises(RemoteProtocolError):
+        parse_nonce("zz")
+    with pytest.raises(RemoteProtocolError):
+        parse_nonce("ab" * 15 + " a")
+    with pytest.raises(RemoteProtocolError):
+        parse_nonce(None)
+    assert parse_nonce("ab" * 16) == b"\xab" * 16
+    assert check_proof("ab" * 32, "é" * 64) is False  # was TypeError from compare_digest
+    assert check_proof("ab" * 32, "ab") is False
+
+    async def main() -> None:
+        # a stranger that answers the client's connect with a malformed nonce
+        async def fake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(encode_frame({"hello": "shoal/1", "cluster": "demo", "node": "a", "nonce": "zz"}))
+            await w.drain()
+            await asyncio.sleep(1)
+            w.close()
+
+        server = await asyncio.start_server(fake, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(RemoteProtocolError):
+                await Connection.open("demo", "b", b"k" * 32, "a", "cluster", "127.0.0.1", port)
+        finally:
+            server.close()
+
+        # a client with a non-ASCII proof is refused like a wrong secret, no traceback
+        srv, _ = await _pair(b"k" * 32, b"k" * 32)
+        port = srv.servers["cluster"].sockets[0].getsockname()[1]
+        try:
+            from shoal.netft.channel import read_frame
+
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await read_frame(r)
+            w.write(encode_frame({"node": "b", "nonce": "cd" * 16, "proof": "é" * 64}))
+            await w.drain()
+            answer, _ = await read_frame(r)
+            assert answer["ok"] is False and srv.refusals == 1
+            w.close()
+        finally:
+            srv.close()
+
+    asyncio.run(main())

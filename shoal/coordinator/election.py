@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from shoal.coordinator.errors import LeaseLost, NotCoordinator
 from shoal.volume.lease import (
     FREE,
-    RELEASED,
     CoordinatorLease,
     LeaseArea,
-    LeaseTiming,
-    LivenessSlot,
+    LivenessRenewer,
+    SlotWatcher,
 )
 
 log = logging.getLogger(__name__)
@@ -67,98 +65,6 @@ _TRANSITIONS: dict[Role, set[Role]] = {
     Role.RELEASED: {Role.CONTENDING},
     Role.LOST: {Role.CONTENDING},
 }
-
-
-class LivenessRenewer:
-    """Keeps this node's liveness slot advancing; knows whether its lease is still valid."""
-
-    def __init__(self, area: LeaseArea, node_id: int, *, cluster: str, host: str | None = None,
-                 timing: LeaseTiming | None = None, clock: Clock = time.monotonic):
-        self.area = area
-        self.timing = timing or LeaseTiming()
-        self.clock = clock
-        self.slot = LivenessSlot(node_id=node_id, io_timeout_ms=int(self.timing.io_timeout_s * 1000),
-                                 cluster=cluster, host=host or socket.gethostname())
-        self.last_ok_start: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def node_id(self) -> int:
-        return self.slot.node_id
-
-    def join(self) -> None:
-        """Start a new generation in our slot (a rejoin is visible to observers)."""
-        old = self.area.read_slot(self.node_id)
-        self.slot = replace(self.slot, generation=old.generation + 1, counter=0, flags=0)
-        self.renew_once()
-
-    def renew_once(self) -> bool:
-        started = self.clock()
-        try:
-            self.slot = replace(self.slot, counter=self.slot.counter + 1)
-            self.area.write_slot(self.slot)
-        except Exception as err:  # noqa: BLE001 - a failed renewal is an expected event
-            log.warning("node%d: liveness renewal failed: %s", self.node_id, err)
-            return False
-        self.last_ok_start = started
-        return True
-
-    def valid(self) -> bool:
-        """True while our last good renewal started less than 4T ago."""
-        return self.last_ok_start is not None and self.clock() - self.last_ok_start < self.timing.holder_stop_s
-
-    def start(self) -> None:
-        self.join()
-        self._thread = threading.Thread(target=self._run, name=f"renew-node{self.node_id}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        wait = self.timing.renew_interval_s
-        while not self._stop.wait(wait):
-            # after a failure retry within T, so one slow write does not cost the lease
-            wait = self.timing.renew_interval_s if self.renew_once() else self.timing.io_timeout_s
-
-    def stop(self, *, release: bool = True) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        # invalid from now on: observers treat a released slot as dead at once
-        self.last_ok_start = None
-        if release:
-            self.area.write_slot(replace(self.slot, flags=RELEASED))
-
-
-@dataclass
-class _Seen:
-    key: tuple[int, int, int]
-    changed_at: float
-
-
-class SlotWatcher:
-    """Judges other nodes' slots by "did it change?" on our own monotonic clock."""
-
-    def __init__(self, area: LeaseArea, timing: LeaseTiming, clock: Clock = time.monotonic):
-        self.area = area
-        self.timing = timing
-        self.clock = clock
-        self._seen: dict[int, _Seen] = {}
-
-    def poll(self, node_id: int) -> LivenessSlot:
-        slot = self.area.read_slot(node_id)
-        key = (slot.generation, slot.counter, slot.flags)
-        now = self.clock()
-        seen = self._seen.get(node_id)
-        if seen is None or seen.key != key:
-            self._seen[node_id] = _Seen(key, now)
-        return slot
-
-    def dead(self, node_id: int) -> bool:
-        """Unchanged for 8T since we first looked, or released cleanly."""
-        slot = self.poll(node_id)
-        if slot.flags & RELEASED or slot.generation == 0:
-            return True
-        return self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
 
 
 class Election:

@@ -99,8 +99,8 @@ def fsck(path: str, *, repair: bool = False) -> Report:
             raise in_use_error(current, sb.name)
         meta, last_seq = _load(device, sb, report)
         _check_namespace(meta, report, repair=repair)
-        _check_extents(meta, report, repair=repair)
-        _check_bitmap(meta, report, repair=repair)
+        owner = _check_extents(meta, report, repair=repair)
+        _check_bitmap(meta, owner, report, repair=repair)
         report.files = sum(1 for n in meta.inodes.values() if not n.is_dir)
         report.used_units = meta.used_units
         if repair and report.problems:
@@ -272,7 +272,8 @@ def _check_namespace(meta: Metadata, report: Report, *, repair: bool) -> None:
             lf.children[node.name] = ino
 
 
-def _check_extents(meta: Metadata, report: Report, *, repair: bool) -> None:
+def _check_extents(meta: Metadata, report: Report, *, repair: bool) -> dict[int, int]:
+    """Check every file's extents; returns unit -> owning inode (after repairs)."""
     owner: dict[int, int] = {}
     for node in sorted(meta.inodes.values(), key=lambda n: n.ino):
         if node.is_dir:
@@ -305,11 +306,10 @@ def _check_extents(meta: Metadata, report: Report, *, repair: bool) -> None:
                     for x in range(u, u + n):
                         if owner.get(x) == node.ino:
                             del owner[x]
-    meta._owner = owner  # type: ignore[attr-defined]
+    return owner
 
 
-def _check_bitmap(meta: Metadata, report: Report, *, repair: bool) -> None:
-    owner: dict[int, int] = meta._owner  # type: ignore[attr-defined]
+def _check_bitmap(meta: Metadata, owner: dict[int, int], report: Report, *, repair: bool) -> None:
     derived = bytearray(meta.unit_count)
     for u in owner:
         derived[u] = 1

@@ -6,14 +6,17 @@ clock and never compares clocks with other hosts. All timing derives from one
 ``io_timeout_s`` (T): renew every 2T, a holder stops metadata writes after 4T without a
 successful renewal, observers may take over after 8T without change.
 
-This module holds the encodings and the offline-tool lease (:class:`OfflineLease`),
-which is what keeps ``shoal volume fsck`` and ``shoal file …`` off a volume a cluster
-is using. The cluster's own use of the lease (election, epochs) builds on the same
-records in the coordinator package.
+This module holds the encodings, the two liveness primitives every lease holder uses
+(:class:`LivenessRenewer` keeps a slot advancing and knows whether its holder is still
+valid; :class:`SlotWatcher` judges other slots by change), and the offline-tool lease
+(:class:`OfflineLease`), which keeps ``shoal volume fsck`` and ``shoal file …`` off a
+volume a cluster is using. The coordinator election (``shoal.coordinator.election``)
+builds on the same primitives and records.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -25,6 +28,9 @@ from dataclasses import dataclass, replace
 from shoal.volume.device import Device
 from shoal.volume.errors import VolumeCorrupt, VolumeInUse
 from shoal.volume.layout import BLOCK, LEASE_SECTORS, Superblock
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], float]
 
 LEASE_MAGIC = b"SHOALCLS"
 SLOT_MAGIC = b"SHOALNSL"
@@ -160,16 +166,112 @@ class LeaseArea:
         """Watch the owner's slot for up to the expiry time; True as soon as it advances."""
         if lease.owner == FREE:
             return False
-        first = self.read_slot(lease.owner)
-        if first.flags & RELEASED:
-            return False
-        deadline = clock() + LeaseTiming(lease.io_timeout_ms / 1000).expiry_s
-        while clock() < deadline:
-            sleep(poll_s)
-            now = self.read_slot(lease.owner)
-            if (now.generation, now.counter) != (first.generation, first.counter):
+        watcher = SlotWatcher(self, LeaseTiming(lease.io_timeout_ms / 1000), clock)
+        while not watcher.dead(lease.owner):
+            if watcher.advanced(lease.owner):
                 return True
+            sleep(poll_s)
         return False
+
+
+class LivenessRenewer:
+    """Keeps this node's liveness slot advancing; knows whether its lease is still valid."""
+
+    def __init__(self, area: LeaseArea, node_id: int, *, cluster: str, host: str | None = None,
+                 timing: LeaseTiming | None = None, clock: Clock = time.monotonic):
+        self.area = area
+        self.timing = timing or LeaseTiming()
+        self.clock = clock
+        self.slot = LivenessSlot(node_id=node_id, io_timeout_ms=int(self.timing.io_timeout_s * 1000),
+                                 cluster=cluster, host=host or socket.gethostname())
+        self.last_ok_start: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def node_id(self) -> int:
+        return self.slot.node_id
+
+    def join(self) -> None:
+        """Start a new generation in our slot (a rejoin is visible to observers)."""
+        old = self.area.read_slot(self.node_id)
+        self.slot = replace(self.slot, generation=old.generation + 1, counter=0, flags=0)
+        self.renew_once()
+
+    def renew_once(self) -> bool:
+        started = self.clock()
+        try:
+            self.slot = replace(self.slot, counter=self.slot.counter + 1)
+            self.area.write_slot(self.slot)
+        except Exception as err:  # noqa: BLE001 - a failed renewal is an expected event
+            log.warning("node%d: liveness renewal failed: %s", self.node_id, err)
+            return False
+        self.last_ok_start = started
+        return True
+
+    def valid(self) -> bool:
+        """True while our last good renewal started less than 4T ago."""
+        return self.last_ok_start is not None and self.clock() - self.last_ok_start < self.timing.holder_stop_s
+
+    def start(self) -> None:
+        self.join()
+        self._thread = threading.Thread(target=self._run, name=f"renew-node{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = self.timing.renew_interval_s
+        while not self._stop.wait(wait):
+            # after a failure retry within T, so one slow write does not cost the lease
+            wait = self.timing.renew_interval_s if self.renew_once() else self.timing.io_timeout_s
+
+    def stop(self, *, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        # invalid from now on: observers treat a released slot as dead at once
+        self.last_ok_start = None
+        if release:
+            self.area.write_slot(replace(self.slot, flags=RELEASED))
+
+
+@dataclass
+class _Seen:
+    key: tuple[int, int, int]
+    changed_at: float
+    changes: int = 0
+
+
+class SlotWatcher:
+    """Judges other nodes' slots by "did it change?" on our own monotonic clock."""
+
+    def __init__(self, area: LeaseArea, timing: LeaseTiming, clock: Clock = time.monotonic):
+        self.area = area
+        self.timing = timing
+        self.clock = clock
+        self._seen: dict[int, _Seen] = {}
+
+    def poll(self, node_id: int) -> LivenessSlot:
+        slot = self.area.read_slot(node_id)
+        key = (slot.generation, slot.counter, slot.flags)
+        now = self.clock()
+        seen = self._seen.get(node_id)
+        if seen is None:
+            self._seen[node_id] = _Seen(key, now)
+        elif seen.key != key:
+            self._seen[node_id] = _Seen(key, now, seen.changes + 1)
+        return slot
+
+    def advanced(self, node_id: int) -> bool:
+        """The slot changed at least once since we first looked: its owner is alive."""
+        seen = self._seen.get(node_id)
+        return seen is not None and seen.changes > 0
+
+    def dead(self, node_id: int) -> bool:
+        """Unchanged for 8T since we first looked, or released cleanly."""
+        slot = self.poll(node_id)
+        if slot.flags & RELEASED or slot.generation == 0:
+            return True
+        return self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
 
 
 def in_use_error(lease: CoordinatorLease, volume_name: str) -> VolumeInUse:
@@ -186,20 +288,18 @@ class OfflineLease:
     """The lease an offline tool holds while it writes a volume (owner 65).
 
     ``acquire`` refuses with :class:`VolumeInUse` when the lease is held by a live
-    owner; it takes over a lease whose owner's slot stopped advancing. A thread renews
-    slot 65 every 2T while the tool runs; ``release`` gives the lease back.
+    owner; it takes over a lease whose owner's slot stopped advancing. A
+    :class:`LivenessRenewer` keeps slot 65 advancing while the tool runs; ``release``
+    gives the lease back.
     """
 
     def __init__(self, area: LeaseArea, volume_name: str, *, timing: LeaseTiming | None = None):
         self.area = area
         self.volume_name = volume_name
         self.timing = timing or LeaseTiming()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._slot = LivenessSlot(node_id=OFFLINE_OWNER)
+        self._renewer: LivenessRenewer | None = None
         self.lease: CoordinatorLease | None = None
         self.took_over_from: str | None = None
-        self._last_ok = 0.0
 
     def acquire(self) -> None:
         current = self.area.read_lease()
@@ -207,27 +307,13 @@ class OfflineLease:
             if self.area.owner_alive(current):
                 raise in_use_error(current, self.volume_name)
             self.took_over_from = current.owner_name()
-        old = self.area.read_slot(OFFLINE_OWNER)
-        host = socket.gethostname()
-        self._slot = LivenessSlot(OFFLINE_OWNER, int(self.timing.io_timeout_s * 1000),
-                                  old.generation + 1, 0, 0, current.cluster, host)
-        self.area.write_slot(self._slot)
+        renewer = LivenessRenewer(self.area, OFFLINE_OWNER, cluster=current.cluster, timing=self.timing)
+        renewer.start()
+        self._renewer = renewer
         self.lease = CoordinatorLease(OFFLINE_OWNER, int(self.timing.io_timeout_s * 1000),
-                                      current.epoch + 1, self._slot.generation, current.cluster, host)
+                                      current.epoch + 1, renewer.slot.generation, current.cluster,
+                                      renewer.slot.host)
         self.area.write_lease(self.lease)
-        self._last_ok = time.monotonic()
-        self._thread = threading.Thread(target=self._renew, name="offline-lease", daemon=True)
-        self._thread.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.timing.renew_interval_s):
-            started = time.monotonic()
-            self._slot = replace(self._slot, counter=self._slot.counter + 1)
-            try:
-                self.area.write_slot(self._slot)
-            except Exception:  # noqa: BLE001 - a failed renewal only lets the lease expire
-                continue
-            self._last_ok = started
 
     def guard(self) -> None:
         """Before every metadata write: our renewals are current and the lease still ours.
@@ -235,19 +321,18 @@ class OfflineLease:
         Two claimants that both saw the lease free both write it; the later write wins,
         and the earlier one stops here before it changes anything.
         """
-        if self.lease is None:
+        if self.lease is None or self._renewer is None:
             raise VolumeInUse("the offline lease was released; reopen the volume")
-        if time.monotonic() - self._last_ok >= self.timing.holder_stop_s:
+        if not self._renewer.valid():
             raise VolumeInUse("the offline lease could not be renewed in time; stopped writing")
         now = self.area.read_lease()
         if now != self.lease:
             raise in_use_error(now, self.volume_name)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        if self._renewer is not None:
+            self._renewer.stop(release=True)
+            self._renewer = None
         if self.lease is not None:
-            self.area.write_slot(replace(self._slot, flags=RELEASED))
             self.area.write_lease(replace(self.lease, owner=FREE, owner_host=""))
             self.lease = None

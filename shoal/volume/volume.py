@@ -17,7 +17,6 @@ are freed or moved) → that file's allocation lock → ``Volume._lock`` → the
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -931,10 +930,3 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True) -> tup
         seq = rec.seq
     return meta, result.end, seq + 1, warnings
 
-
-def open_readonly(path: str) -> Volume:
-    return Volume.open(path, writable=False)
-
-
-def volume_path_exists(path: str) -> bool:
-    return os.path.exists(path)

@@ -35,7 +35,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shoal.agent import volume_ops
 from shoal.agent.errors import AgentAlreadyRunning, AgentError
+from shoal.agent.volumes import VolumeRuntime
 from shoal.config.model import ClusterConfig, Network, Role, load_config, write_config
 from shoal.membership import Membership, NodeState
 from shoal.netft.channel import ChannelServer, Connection
@@ -107,7 +109,10 @@ class NodeAgent:
         self.metrics: dict[str, Metric] = assign_metrics(self.cfg.networks)
         self.routes: dict[str, Route] = {p.name: Route(None, None) for p in self.peers}
         self.blocked: set[str] = set()
-        self.conns: dict[tuple[str, str], Connection] = {}
+        self.conns: dict[tuple[str, str, int], Connection] = {}
+        self.volumes: dict[str, VolumeRuntime] = {}
+        #: peer -> its liveness slot on a shared volume advances (None: not known)
+        self.disk_alive: dict[str, bool] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.channel = ChannelServer(self.cfg.name, node, self.ch_key, self._peer_request)
         self.hb: asyncio.subprocess.Process | None = None
@@ -164,6 +169,9 @@ class NodeAgent:
             ", ".join(self.enabled_networks()), self.cfg.timing.heartbeat_threshold,
         )
         self._spawn(self._auth_probe_loop())
+        for vcfg in self.cfg.volumes:
+            rt = self.volumes[vcfg.name] = VolumeRuntime(self, vcfg)
+            self._spawn(self._start_volume(rt))
         assert self.hb is not None
         hb_wait = asyncio.ensure_future(self.hb.wait())
         stop_wait = asyncio.ensure_future(self.stopping.wait())
@@ -177,6 +185,11 @@ class NodeAgent:
             log.warning("node %s: agent stopping", self.name)
         finally:
             stop_wait.cancel()
+            for rt in self.volumes.values():
+                try:
+                    await asyncio.wait_for(rt.stop(), 10)
+                except Exception as err:  # noqa: BLE001 - stopping: say it and go on
+                    log.warning("stopping volume %s: %s", rt.name, err)
             control.close()
             self.channel.close()
             for c in self.conns.values():
@@ -188,6 +201,13 @@ class NodeAgent:
                 await self.hb.wait()
             for t in list(self._tasks):
                 t.cancel()
+
+    async def _start_volume(self, rt: VolumeRuntime) -> None:
+        try:
+            await rt.start()
+        except Exception as err:
+            log.exception("volume %s could not start on %s: %s", rt.name, self.name, err)
+            self.event("volume", volume=rt.name, error=str(err))
 
     async def _claim_control_socket(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +305,13 @@ class NodeAgent:
                 peer, old.internal, new.internal, old.migration, new.migration,
             )
             self.event("route", peer=peer, internal=new.internal, migration=new.migration)
-        self.membership.update(peer, any(up.values()))
+        self.membership.update(peer, any(up.values()), disk_alive=self.disk_alive.get(peer))
+
+    def set_disk_alive(self, peer: str, alive: bool) -> None:
+        """A volume judged ``peer``'s liveness slot: re-judge its membership with it."""
+        self.disk_alive[peer] = alive
+        up = self._peer_up_map(peer)
+        self.membership.update(peer, any(up.values()), disk_alive=alive)
 
     def _on_node_change(self, node: str, old: NodeState, new: NodeState) -> None:
         self.event("node", node=node, old=old.value, new=new.value)
@@ -294,6 +320,8 @@ class NodeAgent:
         else:
             for key in [k for k in self.conns if k[0] == node]:
                 self.conns.pop(key).close()
+        for rt in self.volumes.values():
+            rt.refresh_state(f"{node} is {new.value}")
 
     # -- agent channel (client side) ----------------------------------------------
 
@@ -301,9 +329,12 @@ class NodeAgent:
         return self.cfg.node(peer).addresses.get(network)
 
     async def call_peer(self, peer: str, op: str, args: dict[str, Any] | None = None,
-                        payload: bytes = b"") -> tuple[Any, bytes, str]:
+                        payload: bytes = b"", *, lane: int = 0,
+                        timeout_s: float | None = None) -> tuple[Any, bytes, str]:
         """Call ``op`` on ``peer`` over internal traffic's route, failing over network by network.
 
+        ``lane`` picks one of several connections to the peer (one call at a time runs on
+        each), so block I/O, metadata and control requests do not queue behind each other.
         Returns (result, payload, network used).
         """
         order = [n for n in failover_order(self.metrics, self._peer_up_map(peer)) if n not in self.blocked]
@@ -313,38 +344,38 @@ class NodeAgent:
             addr = self.peer_address(peer, net)
             if addr is None:
                 continue
-            conn = self.conns.get((peer, net))
+            conn = self.conns.get((peer, net, lane))
             if conn is not None and conn.closed:
-                self._drop_conn(peer, net, conn)
+                self._drop_conn(peer, net, conn, lane)
                 conn = None
             try:
                 if conn is None:
                     async with asyncio.timeout(t.rpc_connect_timeout_s):
                         conn = await Connection.open(self.cfg.name, self.name, self.ch_key, peer, net,
                                                      addr, self.cfg.rpc_port)
-                    self.conns[(peer, net)] = conn
-                async with asyncio.timeout(t.rpc_call_timeout_s):
+                    self.conns[(peer, net, lane)] = conn
+                async with asyncio.timeout(timeout_s or t.rpc_call_timeout_s):
                     result, data = await conn.call(op, args or {}, payload)
                 return result, data, net
             except (OSError, TimeoutError, ConnectionError, RemoteProtocolError) as err:
                 errors.append(f"{net}: {err or type(err).__name__}")
-                self._drop_conn(peer, net, conn)
+                self._drop_conn(peer, net, conn, lane)
             except AuthenticationFailed:
-                self._drop_conn(peer, net, conn)
+                self._drop_conn(peer, net, conn, lane)
                 raise
             except BaseException:
                 # cancelled (the caller's timeout) mid-call: Connection.call closed it
                 if conn is not None and conn.closed:
-                    self._drop_conn(peer, net, conn)
+                    self._drop_conn(peer, net, conn, lane)
                 raise
         raise PeerUnreachable(f"{peer} did not answer on any network ({'; '.join(errors) or 'no route'}).")
 
-    def _drop_conn(self, peer: str, net: str, conn: Connection | None) -> None:
+    def _drop_conn(self, peer: str, net: str, conn: Connection | None, lane: int = 0) -> None:
         """Forget and close a pooled connection (only this one, not a newer replacement)."""
         if conn is None:
             return
-        if self.conns.get((peer, net)) is conn:
-            del self.conns[(peer, net)]
+        if self.conns.get((peer, net, lane)) is conn:
+            del self.conns[(peer, net, lane)]
         conn.close()
 
     async def _auth_probe_loop(self) -> None:
@@ -406,6 +437,8 @@ class NodeAgent:
             return self._networks_msg(), b""
         if op == "ping":
             return {"node": self.name}, payload
+        if op.startswith("csv."):
+            return await volume_ops.peer_request(self, peer, op, args, payload)
         raise RemoteError(f"unknown request {op!r}")
 
     async def _apply_networks(self, msg: dict[str, Any], source: str) -> None:
@@ -547,3 +580,52 @@ class NodeAgent:
         t0 = time.monotonic()
         _, _, net = await self.call_peer(peer, "ping")
         return {"peer": peer, "network": net, "rtt_ms": round((time.monotonic() - t0) * 1000, 3)}
+
+    # -- shared volumes (control socket) ------------------------------------------
+
+    async def control_volume_ls(self) -> list[dict[str, Any]]:
+        return await volume_ops.cluster_views(self)
+
+    async def control_volume_move(self, volume: str, to: str) -> Any:
+        self.cfg.node(to)  # a clear error for an unknown node
+        return await volume_ops.forward_to_coordinator(volume_ops.runtime(self, volume), "csv.move", {"to": to})
+
+    async def control_volume_maintenance(self, volume: str, on: bool) -> Any:
+        return await volume_ops.forward_to_coordinator(volume_ops.runtime(self, volume), "csv.maintenance_set",
+                                                       {"on": bool(on)})
+
+    async def control_volume_repair(self, volume: str, kind: str) -> Any:
+        return await volume_ops.forward_to_coordinator(volume_ops.runtime(self, volume), "csv.repair",
+                                                       {"kind": kind})
+
+    async def control_file(self, volume: str, fop: str, fargs: dict[str, Any]) -> Any:
+        """A metadata request for ``shoal file ... VOLUME:/path`` (sent to the coordinator)."""
+        from shoal.coordinator import messages
+
+        rt = volume_ops.runtime(self, volume)
+        return messages.check_result(await rt._meta_call(fop, fargs))
+
+    async def control_nbd_path(self, volume: str, file: str) -> dict[str, Any]:
+        rt = volume_ops.runtime(self, volume)
+        export = file.strip("/")
+        return {"uri": f"nbd+unix:///{export}?socket={rt.socket_path}", "socket": str(rt.socket_path),
+                "export": export, "volume": volume, "node": self.name}
+
+    async def control_volume_probe_alloc(self, volume: str, file: str, count: int = 100) -> dict[str, Any]:
+        """Measure allocation round trips from this node: allocate the first ``count``
+        units of a sparse file, one request each, the way a write into a hole does."""
+        from shoal.coordinator import messages
+
+        rt = volume_ops.runtime(self, volume)
+        st = messages.check_result(await rt._meta_call("stat", {"path": file}))
+        unit = rt.sb.unit_size if rt.sb else 1 << 20
+        if int(st["size"]) < count * unit:
+            raise AgentError(f"{file} is smaller than {count} allocation units; make it larger.")
+        lat = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            await rt.maps.request("allocate", {"ino": int(st["ino"]), "offset": i * unit, "length": 4096})
+            lat.append((time.perf_counter() - t0) * 1000)
+        lat.sort()
+        return {"count": count, "coordinator": rt.coordinator, "p50_ms": round(lat[len(lat) // 2], 3),
+                "p90_ms": round(lat[int(len(lat) * 0.9)], 3), "max_ms": round(lat[-1], 3)}

@@ -3,7 +3,9 @@
 Part 1, the shared volume: format, import a sparse VM disk, look at it, export it back
 byte-identical, check it. Part 2, the cluster: three hosts in network namespaces with
 their cluster networks and metrics, a real link fault and the failover of internal
-traffic, then the restore. Later capabilities extend it (coordinator, VMs).
+traffic, then the restore. Part 3, Cluster Shared Volumes: a writer on a node that is
+not the coordinator, its storage link cut (redirected, no I/O error) and restored
+(direct again by itself), the coordinator moved and the pause printed.
 """
 
 from __future__ import annotations
@@ -165,7 +167,72 @@ def _cluster(work: str) -> bool:
         lab.set_link("node2", "cluster", up=True)
         back = _wait(lambda: internal("node1", "node2") == "cluster", 15)
         print(f"node1 -> node2 internal traffic back on: {internal('node1', 'node2')} ({_after(back)})")
-        return took is not None and moved is not None and still_up and back is not None
+        nets_ok = took is not None and moved is not None and still_up and back is not None
+        return _shared_volume(lab, st, lab_dir) and nets_ok
     finally:
         lab.down("demo")
         print("lab removed: namespaces, agents, storage target and files")
+
+
+def _shared_volume(lab: Any, st: Any, lab_dir: str) -> bool:
+    """Part 3: direct and redirected I/O, and a coordinator move, under a checking writer."""
+    import json
+
+    from shoal.agent.control import request
+
+    def ls() -> dict[str, Any]:
+        return dict(request(Path(st.dir) / "run" / "node1.sock", "volume_ls", timeout_s=20)[0])
+
+    def show() -> None:
+        subprocess.run([sys.executable, "-m", "shoal", "lab", "exec", "--dir", lab_dir, "node1", "--",
+                        sys.executable, "-m", "shoal", "volume", "ls"], check=False)
+
+    _say("Part 3: Cluster Shared Volumes. The LUN is formatted as volume vol1; every node uses it at once.\n"
+         "   One node, the coordinator, owns the metadata; every node reads and writes data directly.")
+    ready = _wait(lambda: bool(ls()["coordinator"]) and all(v["state"] == "direct" for v in ls()["nodes"].values()),
+                  60)
+    coord = ls()["coordinator"]
+    print(f"coordinator: {coord} ({_after(ready)})")
+    node = next(n for n in st.nodes if n != coord)
+    sock = Path(st.dir) / "run" / f"{node}.sock"
+    request(sock, "file", volume="vol1", fop="mkdir", fargs={"path": "/vms", "parents": True})
+    request(sock, "file", volume="vol1", fop="create", fargs={"path": "/vms/web1.raw", "size": 256 << 20})
+    uri = request(sock, "nbd_path", volume="vol1", file="/vms/web1.raw")["uri"]
+    _say(f"A writer on {node} (not the coordinator) writes and verifies a VM disk through {node}'s NBD socket:\n"
+         f"   {uri}")
+    stop = Path(st.dir) / "stop-demo-writer"
+    writer = subprocess.Popen(
+        ["ip", "netns", "exec", st.ns(node), sys.executable, "-m", "shoal.lab.writer", "--socket",
+         uri.split("socket=")[1], "--export", "vms/web1.raw", "--seconds", "600", "--stop-file", str(stop),
+         "--blocks", "2048"] if st.mode == "netns" else
+        [sys.executable, "-m", "shoal.lab.writer", "--socket", uri.split("socket=")[1], "--export",
+         "vms/web1.raw", "--seconds", "600", "--stop-file", str(stop), "--blocks", "2048"],
+        stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    show()
+    _say(f"Cut {node}'s storage link (a real link down). Its I/O times out, what was queued on the path is\n"
+         f"   aborted, and {node} goes 'redirected': its blocks travel to {coord}, which writes them.")
+    lab.set_link(node, "storage", up=False)
+    red = _wait(lambda: ls()["nodes"][node]["state"] == "redirected", 30)
+    time.sleep(2)
+    print(f"{node} redirected {_after(red)}; reasons: {', '.join(ls()['nodes'][node]['reasons'])}")
+    show()
+    _say(f"Restore the link: {node} notices by itself and returns to direct I/O.")
+    lab.set_link(node, "storage", up=True)
+    back = _wait(lambda: ls()["nodes"][node]["state"] == "direct", 30)
+    print(f"{node} direct again {_after(back)}")
+    target = next(n for n in st.nodes if n != coord and n != node)
+    _say(f"Move the coordinator role {coord} -> {target} while the writer runs (planned, like Move-ClusterSharedVolume).")
+    moved = request(Path(st.dir) / "run" / "node1.sock", "volume_move", timeout_s=60, volume="vol1", to=target)
+    print(f"coordinator now {moved['to']} (epoch {moved['epoch']}); I/O needing the coordinator paused "
+          f"{moved['paused_ms']:.0f} ms")
+    time.sleep(2)
+    stop.touch()
+    out, _ = writer.communicate(timeout=300)
+    result = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    _say("The writer's verdict: every block it read back held the last write it was told had succeeded.")
+    print(f"{result.get('writes', 0)} writes, {result.get('errors', '?')} I/O errors, "
+          f"{result.get('mismatches', '?')} bad blocks, longest wait {result.get('max_latency_ms', '?')} ms")
+    ok = (ready is not None and red is not None and back is not None and result.get("errors") == 0
+          and result.get("mismatches") == 0)
+    return bool(ok)

@@ -102,9 +102,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    t = cfg.timing
     print(
         f"{args.config}: cluster {cfg.name}, {len(cfg.nodes)} nodes, {len(cfg.networks)} networks, "
-        f"timing {cfg.timing_profile} ({cfg.timing.heartbeat_interval_s:g} s × "
-        f"{cfg.timing.heartbeat_threshold}): valid"
+        f"{len(cfg.volumes)} volume{'' if len(cfg.volumes) == 1 else 's'}, timing {cfg.timing_profile} "
+        f"({t.heartbeat_interval_s:g} s × {t.heartbeat_threshold}, I/O timeout {t.io_timeout_s:g} s): valid"
     )
     return 0

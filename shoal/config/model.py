@@ -11,7 +11,8 @@ Layout::
     generation = 1                   # bumped by every cluster-wide change
 
     [timing]                         # see shoal.config.timing
-    profile = "default"
+    profile = "default"              # default | relaxed | fast
+    io_timeout_s = 1.0               # any timing key overrides the profile's value
 
     [[network]]                      # declaration order matters for auto metrics
     name = "cluster"
@@ -24,15 +25,17 @@ Layout::
     id = 1
     addresses = { cluster = "198.18.1.1" }
 
-    [[volume]]                       # passed through for the shared-volume code
-    name = "vol1"
-    lun = "nbd://198.18.4.250:10809/lun0"
+    [[volume]]                       # see shoal.config.volumes
+    name = "vol1"                    # 1-64 of A-Z a-z 0-9 - _, unique
+    lun = "nbd://198.18.4.250:10809/lun0"   # or an absolute path: /dev/sdb
+    paths = { node1 = "/dev/mapper/lun0" }  # optional: a node's own path to the LUN
 
     [vm_defaults]                    # passed through for the VM code
     memory_mib = 512
 
-Validation collects every problem as one sentence and raises ``ConfigInvalid``
-with all of them, so a user fixes the file in one pass.
+Every key is described in docs/CONFIG.md. Validation collects every problem as
+one sentence and raises ``ConfigInvalid`` with all of them, so a user fixes the
+file in one pass.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shoal.config.errors import ConfigInvalid, ConfigNotFound
+from shoal.config.errors import ConfigError, ConfigInvalid, ConfigNotFound
 from shoal.config.timing import PROFILES, Timing, timing_from_table
+from shoal.config.volumes import VolumeConfig, parse_volumes
 
 
 class Role(enum.StrEnum):
@@ -98,7 +102,7 @@ class ClusterConfig:
     heartbeat_port: int = 3343
     rpc_port: int = 3344
     generation: int = 1
-    volumes: tuple[dict[str, Any], ...] = ()
+    volumes: tuple[VolumeConfig, ...] = ()
     vm_defaults: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -106,8 +110,6 @@ class ClusterConfig:
         for n in self.nodes:
             if n.name == name:
                 return n
-        from shoal.config.errors import ConfigError
-
         raise ConfigError(
             f"node {name!r} is not in cluster {self.name!r}; its nodes are "
             f"{', '.join(n.name for n in self.nodes)}."
@@ -117,19 +119,29 @@ class ClusterConfig:
         for n in self.networks:
             if n.name == name:
                 return n
-        from shoal.config.errors import ConfigError
-
         raise ConfigError(
             f"network {name!r} is not in cluster {self.name!r}; its networks are "
             f"{', '.join(n.name for n in self.networks)}."
+        )
+
+    def volume(self, name: str) -> VolumeConfig:
+        for v in self.volumes:
+            if v.name == name:
+                return v
+        if not self.volumes:
+            raise ConfigError(
+                f"volume {name!r} is not in cluster {self.name!r}, which declares no volumes; "
+                "add a [[volume]] table with its name and lun to the configuration."
+            )
+        raise ConfigError(
+            f"volume {name!r} is not in cluster {self.name!r}; its volumes are "
+            f"{', '.join(v.name for v in self.volumes)}."
         )
 
     def control_socket(self, node: str) -> Path:
         return self.run_dir / f"{node}.sock"
 
     def read_secret(self) -> bytes:
-        from shoal.config.errors import ConfigError
-
         try:
             secret = self.secret_file.read_bytes().strip()
         except OSError as err:
@@ -219,10 +231,7 @@ def parse_config(
     nodes = _parse_nodes(doc.get("node", []), problems)
     problems.extend(_check_networks(networks, nodes))
 
-    volumes = doc.get("volume", [])
-    if not isinstance(volumes, list) or not all(isinstance(v, dict) for v in volumes):
-        problems.append("[[volume]] must be an array of tables.")
-        volumes = []
+    volumes = parse_volumes(doc.get("volume", []), {n.name for n in nodes}, problems)
     vm_defaults = _table(doc, "vm_defaults", problems)
 
     if problems:
@@ -239,7 +248,7 @@ def parse_config(
         heartbeat_port=ports["heartbeat_port"],
         rpc_port=ports["rpc_port"],
         generation=generation,
-        volumes=tuple(volumes),
+        volumes=volumes,
         vm_defaults=vm_defaults,
         path=path,
     )
@@ -439,7 +448,7 @@ def dump_config(cfg: ClusterConfig) -> str:
         ]
     for vol in cfg.volumes:
         lines += ["", "[[volume]]"]
-        lines += [f"{_key(k)} = {_toml_value(v)}" for k, v in vol.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in vol.to_dict().items()]
     if cfg.vm_defaults:
         lines += ["", "[vm_defaults]"]
         lines += [f"{_key(k)} = {_toml_value(v)}" for k, v in cfg.vm_defaults.items()]

@@ -13,8 +13,19 @@ between them can be checked in one place when the configuration is loaded:
   otherwise failover of internal traffic is slower than link detection;
 * an RPC call may not time out before its connect did.
 
-Profiles: ``default`` is Windows Server 2008 R2 (1 s, 5 missed); ``relaxed`` is
-what later Windows used on busy networks (1 s, 10 missed); ``fast`` is for tests.
+Shared volumes have one knob, ``io_timeout_s`` (T): the longest a single I/O to
+the LUN may take before the path counts as failed. Lease timing derives from it
+(``shoal.volume.lease.LeaseTiming``), in the order the design requires: a node
+renews its liveness slot every 2T, a holder that could not renew for 4T stops
+every metadata write, and others may take over only after 8T without change.
+T is checked to lie between 0.1 and 60 s. It is deliberately not tied to
+``link_down_after_s``: a node is dead only when it answers on no network *and*
+its slot stops advancing, so failover of a dead coordinator takes about the
+longer of ``link_down_after_s`` and 8T.
+
+Profiles: ``default`` is Windows Server 2008 R2 (1 s, 5 missed) with T = 1 s;
+``relaxed`` is what later Windows used on busy networks (1 s, 10 missed) with
+T = 2 s; ``fast`` is for tests (0.2 s, 5 missed, T = 0.5 s).
 """
 
 from __future__ import annotations
@@ -22,6 +33,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+IO_TIMEOUT_MIN_S = 0.1
+IO_TIMEOUT_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class Timing:
     link_up_after: int = 3
     rpc_connect_timeout_s: float = 2.0
     rpc_call_timeout_s: float = 5.0
+    io_timeout_s: float = 1.0
 
     @property
     def link_down_after_s(self) -> float:
@@ -68,6 +83,11 @@ class Timing:
                 f"rpc_call_timeout_s ({self.rpc_call_timeout_s} s) is shorter than "
                 f"rpc_connect_timeout_s ({self.rpc_connect_timeout_s} s); a call cannot end before its connect."
             )
+        if not IO_TIMEOUT_MIN_S <= self.io_timeout_s <= IO_TIMEOUT_MAX_S:
+            out.append(
+                f"io_timeout_s is {self.io_timeout_s}; it must be between {IO_TIMEOUT_MIN_S:g} and "
+                f"{IO_TIMEOUT_MAX_S:g} seconds (leases renew every 2×, take-over waits 8× that)."
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,13 +100,14 @@ class Timing:
 
 PROFILES: dict[str, Timing] = {
     "default": Timing(),
-    "relaxed": Timing(heartbeat_threshold=10),
+    "relaxed": Timing(heartbeat_threshold=10, io_timeout_s=2.0),
     "fast": Timing(
         heartbeat_interval_s=0.2,
         heartbeat_threshold=5,
         link_up_after=3,
         rpc_connect_timeout_s=0.5,
         rpc_call_timeout_s=2.0,
+        io_timeout_s=0.5,
     ),
 }
 

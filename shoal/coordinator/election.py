@@ -104,6 +104,14 @@ class Election:
         """Try to become coordinator; returns True when we are. Blocks up to about 8T + 2T,
         or ``deadline_s`` if given. Never takes a lease whose owner is alive."""
         self._set_state(Role.CONTENDING, "contending for the coordinator lease")
+        try:
+            return self._acquire(deadline_s)
+        except BaseException:
+            if self.role is Role.CONTENDING:
+                self._set_state(Role.FOLLOWER, "contending failed (I/O error)")
+            raise
+
+    def _acquire(self, deadline_s: float | None) -> bool:
         give_up = None if deadline_s is None else self.clock() + deadline_s
         current = self.area.read_lease()
         while current.owner not in (FREE, self.renewer.node_id):
@@ -153,6 +161,39 @@ class Election:
         if self.role is Role.COORDINATOR:
             self._set_state(Role.LOST, why)
         raise LeaseLost(f"stopped writing metadata: {why}")
+
+    def take_over(self, expected: CoordinatorLease, *, wait: bool) -> bool:
+        """Hand-over at the holder's request: the holder (``expected`` is its lease on disk)
+        asked us to take the role, so we need not wait for its slot to expire. Writes us as
+        owner with epoch + 1; with ``wait`` (the holder lost its storage path, so its slot
+        may already be stale for contenders) waits 2T and reads back like ``acquire``."""
+        self._set_state(Role.CONTENDING, f"taking over from {expected.owner_name()} at its request")
+        try:
+            if self.area.read_lease() != expected or not self.renewer.valid():
+                self._set_state(Role.FOLLOWER, "the lease changed before the hand-over")
+                return False
+            mine = CoordinatorLease(self.renewer.node_id, int(self.timing.io_timeout_s * 1000),
+                                    expected.epoch + 1, self.renewer.slot.generation, self.cluster,
+                                    self.renewer.slot.host)
+            self.area.write_lease(mine)
+            if wait:
+                self.sleep(self.timing.renew_interval_s)
+                if self.area.read_lease() != mine:
+                    self._set_state(Role.FOLLOWER, "another contender's claim came later and won")
+                    return False
+        except BaseException:
+            if self.role is Role.CONTENDING:
+                self._set_state(Role.FOLLOWER, "the hand-over failed (I/O error)")
+            raise
+        self.lease = mine
+        self._set_state(Role.COORDINATOR, f"took over the coordinator lease, epoch {mine.epoch}")
+        return True
+
+    def resign(self, why: str) -> None:
+        """Stop being coordinator without touching the disk (a successor overwrites the
+        lease, or it expires)."""
+        if self.role is Role.COORDINATOR:
+            self._set_state(Role.RELEASED, why)
 
     def release(self) -> None:
         """Planned hand-over: free the lease (keeping the epoch) so a successor need not wait."""

@@ -223,6 +223,12 @@ class MapCache:
             st.map = None
         await self.revoke(ino, 0)
 
+    async def drop_all(self) -> None:
+        """Drop every cached map and wait for the I/O using them (the coordinator changed:
+        the new one knows no holders, so no map may outlive the change)."""
+        for ino in list(self._files):
+            await self._drop(ino)
+
     async def _dropping(self, ino: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """An op that frees units: drop our own map first (we are not revoked), wait for
         our own I/O through it, then ask; install the map it returns."""

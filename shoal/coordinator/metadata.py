@@ -58,8 +58,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shoal.coordinator import messages as msg
-from shoal.coordinator.errors import InvalidRequest, RevokeFailed
-from shoal.volume.errors import IsADirectory, NotFound, VolumeError
+from shoal.coordinator.errors import InvalidRequest, NotCoordinator, RevokeFailed
+from shoal.volume.errors import DeviceError, IsADirectory, NotFound, VolumeError
 from shoal.volume.volume import Volume, VolumeFile
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class MetadataService:
     async def handle(self, node: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """One request -> its result, or ``{"error", "message"}`` for a refused one."""
         try:
+            self._check_intact()
             name = OPS.get(op)
             if name is None:
                 raise InvalidRequest(f"unknown metadata operation {op!r}; known: {', '.join(sorted(OPS))}")
@@ -121,10 +122,21 @@ class MetadataService:
             result: dict[str, Any] = await method(node, **args)
             return result
         except Exception as err:
+            if (self.vol.failure is not None or isinstance(err, DeviceError)) and not isinstance(err, NotCoordinator):
+                # our own LUN I/O failed, or a journal write did (memory is ahead of the
+                # disk, nothing may be handed out from it): the node retries the request
+                # once the volume is replayed here or the role moved to a node with a path
+                err = NotCoordinator(f"the coordinator stopped serving {self.vol.sb.name or 'the volume'} "
+                                     f"after a write error ({err}); retry")
             if msg.error_code(err) is None:
                 raise
             log.info("%s from %s refused: %s", op, node, err)
             return msg.encode_error(err)
+
+    def _check_intact(self) -> None:
+        if self.vol.failure is not None:
+            raise NotCoordinator("the coordinator's volume stopped after a write error; retry once it is "
+                                 "replayed")
 
     async def _run(self, fn: Callable[[], T]) -> T:
         fut = asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -156,6 +168,7 @@ class MetadataService:
         return f
 
     def _map_of(self, ino: int) -> dict[str, Any]:
+        self._check_intact()  # never hand out a map that includes a change not on disk
         f = self._file(ino)
         return msg.encode_map(ino, f.size, f.unit_size, self.version(ino), f.extent_map())
 

@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         f.add_argument("network")
         f.set_defaults(link_up=up_)
 
+    for verb, hold in (("hold", True), ("release", False)):
+        h = add(verb, "queue what a node sends on a link, deliver it only on release" if hold
+                else "deliver what a held link queued, late, and stop holding", cmd_hold)
+        h.add_argument("what", choices=["link"])
+        h.add_argument("node")
+        h.add_argument("network")
+        h.set_defaults(hold=hold)
+
     k = add("kill", "SIGKILL a node's agent and everything it started", cmd_kill)
     k.add_argument("node")
     s = add("start", "start a node's agent again (after kill)", cmd_start)
@@ -70,11 +78,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"lab {s['name']} in {s['dir']} ({s['mode']}); storage target {s['storage_target']['url']} "
-          f"{'running' if s['storage_target']['running'] else 'NOT running'}")
+    t = s["storage_target"]
+    print(f"lab {s['name']} in {s['dir']} ({s['mode']})")
+    print(f"  storage target {t['url']} {'running' if t['running'] else 'NOT running'} "
+          f"(pid {t['pid'] or '-'}, {t['image']}; log {t['log']})")
     for node, info in s["nodes"].items():
         links = " ".join(f"{n}:{v}" for n, v in info["links"].items())
-        print(f"  {node:<8} agent {info['agent']:<8} pid {info['pid'] or '-':<8} {links}")
+        held = f"  held: {', '.join(info['held'])}" if info["held"] else ""
+        print(f"  {node:<8} agent {info['agent']:<8} pid {info['pid'] or '-':<8} {links}{held}")
     return 0
 
 
@@ -87,6 +98,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def cmd_link(args: argparse.Namespace) -> int:
     print(Lab(args.dir).set_link(args.node, args.network, args.link_up))
+    return 0
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    print(Lab(args.dir).hold_link(args.node, args.network, args.hold))
     return 0
 
 

@@ -3,7 +3,7 @@
     LabError                     (shoal.errors.ShoalError)
      ├── LabNotFound             no lab in the given directory
      ├── LabExists               a lab is already up in that directory
-     └── LabToolError            iproute2 / qemu-nbd missing or failing
+     └── LabToolError            iproute2 (ip, tc) missing or failing
 """
 
 from __future__ import annotations

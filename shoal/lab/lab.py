@@ -3,21 +3,27 @@
 Layout (network namespaces mode, as root)::
 
     shoal-<name>-sw        the "switch": one bridge per network (br1, br2, …),
-                           the storage target (qemu-nbd) on the storage bridge
+                           the storage target (shoal nbd serve) on the storage bridge
     shoal-<name>-node<i>   one per host: lo plus one interface per network, named
                            after the network, e.g. "cluster" = 198.18.1.<i>/24
-    <dir>/                 cluster.toml, cluster.secret, lun0.img (sparse),
-                           lab.json (what was made), logs/, run/ (control sockets)
+    <dir>/                 cluster.toml, cluster.secret, lun0.img (sparse, formatted
+                           as volume vol1), lab.json (what was made), logs/, run/
+                           (control sockets)
 
 Network k (1-based, declaration order) is 198.18.k.0/24; node i is .i; the
-storage target is .250 on the storage network. Nothing is added to the root
-namespace except the namespaces themselves, so ``down`` finds every leftover by
-its name prefix even when lab.json is gone.
+storage target is .250 on the storage network, and serves lun0.img as NBD export
+``lun0`` with fencing (register/preempt, docs/NBD.md). Neighbour entries on the
+storage network are static, so a long ``hold`` cannot make ARP give up.
+Nothing is added to the root namespace except the namespaces themselves, so
+``down`` finds every leftover by its name prefix even when lab.json is gone.
 
 Without root (or with ``loopback=True``) the hosts share the loopback
 interface: node i on network k is 127.<o>.k.i, where o is derived from the lab
 name, and a link fault is an in-process switch in the agent (it drops that
-network's heartbeats and agent traffic).
+network's heartbeats and agent traffic). ``hold`` needs namespaces.
+
+``hold link`` queues what a node sends on one interface until ``release link``
+delivers it late (see ``shoal.lab.hold``); ``fail link`` takes the link down.
 
 Every agent is started in its own session (process group = its pid), so
 ``kill`` and ``freeze`` reach it and everything it started; in namespace mode
@@ -42,8 +48,11 @@ from shoal.agent.control import request
 from shoal.agent.errors import AgentError
 from shoal.config.cli import make_config, write_secret
 from shoal.config.model import Role, write_config
+from shoal.config.volumes import VolumeConfig
 from shoal.lab import netns, procs
 from shoal.lab.errors import LabError, LabExists, LabNotFound, LabToolError
+from shoal.lab.hold import hold_device
+from shoal.volume.format import format_volume
 
 LAB_NETWORKS = (
     ("cluster", Role.CLUSTER),
@@ -55,7 +64,11 @@ STORAGE_NETWORK = "storage"
 TARGET_HOST = 250
 NBD_PORT = 10809
 LUN_SIZE = 4 << 30
+LUN_EXPORT = "lun0"
+VOLUME_NAME = "vol1"
 AGENT_START_TIMEOUT_S = 30.0
+TARGET_START_TIMEOUT_S = 20.0
+HOLD_TIMEOUT_S = 60.0
 MAX_NODES = 200
 
 
@@ -102,6 +115,14 @@ class LabState:
     @property
     def config(self) -> Path:
         return Path(self.dir) / "cluster.toml"
+
+    @property
+    def image(self) -> Path:
+        return Path(self.dir) / "lun0.img"
+
+    @property
+    def target_log(self) -> Path:
+        return Path(self.dir) / "logs" / "storage-target.log"
 
 
 class Lab:
@@ -154,20 +175,23 @@ class Lab:
                           timing=timing)
         storage = cfg.network(STORAGE_NETWORK)
         target_ip = str(storage.subnet.network_address + TARGET_HOST)
+        lun_url = f"nbd://{target_ip}:{NBD_PORT}/{LUN_EXPORT}"
         from dataclasses import replace
 
         cfg = replace(cfg, secret_file=self.dir / "cluster.secret",
-                      volumes=({"name": "vol1", "lun": f"nbd://{target_ip}:{NBD_PORT}/lun0"},))
+                      volumes=(VolumeConfig(VOLUME_NAME, lun_url),))
         write_secret(self.dir / "cluster.secret")
         write_config(cfg, self.dir / "cluster.toml")
         st = LabState(name=name, dir=str(self.dir), mode=mode, nodes=[n.name for n in cfg.nodes],
-                      networks=[n.name for n in cfg.networks], target=f"nbd://{target_ip}:{NBD_PORT}/lun0",
-                      timing=timing)
+                      networks=[n.name for n in cfg.networks], target=lun_url, timing=timing)
         self.save(st)
         try:
             if mode == "netns":
                 self._build_netns(st, cfg)
+            self._make_lun(st)
             self._start_target(st, target_ip)
+            self.save(st)
+            self._wait_target(st, target_ip)
             for node in st.nodes:
                 self._start_agent(st, node)
             self.save(st)
@@ -190,6 +214,8 @@ class Lab:
             sw.append(f"link set br{k} up")
             if net.name == STORAGE_NETWORK:
                 host = net.subnet.network_address + TARGET_HOST
+                # a fixed address: a bridge otherwise takes its lowest port's, which changes
+                sw.append(f"link set br{k} address {lab_mac(TARGET_HOST, k)}")
                 sw.append(f"addr add {host}/{net.subnet.prefixlen} dev br{k}")
         for i, node in enumerate(st.nodes, 1):
             for k, net in enumerate(cfg.networks, 1):
@@ -197,6 +223,9 @@ class Lab:
                 sw.append(f"link add n{i}k{k} type veth peer name {ifname} address {lab_mac(i, k)} "
                           f"netns {st.ns(node)}")
                 sw.append(f"link set n{i}k{k} master br{k} up")
+                if net.name == STORAGE_NETWORK:
+                    sw.append(f"neigh replace {cfg.nodes[i - 1].addresses[net.name]} lladdr {lab_mac(i, k)} "
+                              f"dev br{k} nud permanent")
         netns.batch(sw, st.switch)
         for i, node_cfg in enumerate(cfg.nodes, 1):
             lines = ["link set lo up"]
@@ -206,6 +235,10 @@ class Lab:
                 lines.append(f"addr add {addr}/{net.subnet.prefixlen} dev {ifname}")
                 lines.append(f"link set {ifname} up")
                 if net.name == STORAGE_NETWORK:
+                    # static too: a held link delays the node's ARP replies and probes
+                    target = net.subnet.network_address + TARGET_HOST
+                    lines.append(f"neigh replace {target} lladdr {lab_mac(TARGET_HOST, k)} "
+                                 f"dev {ifname} nud permanent")
                     continue
                 # Static, permanent neighbours between nodes: the kernel's ARP table
                 # is one table for all namespaces, capped by gc_thresh3 (1024 by
@@ -217,22 +250,35 @@ class Lab:
                                      f"dev {ifname} nud permanent")
             netns.batch(lines, st.ns(node_cfg.name))
 
-    def _start_target(self, st: LabState, target_ip: str) -> None:
-        import shutil
+    def _make_lun(self, st: LabState) -> None:
+        """A fresh sparse LUN, formatted as the lab's shared volume."""
+        st.image.unlink(missing_ok=True)  # the lab's own file: a lab always starts from a new LUN
+        format_volume(str(st.image), LUN_SIZE, name=VOLUME_NAME)
 
-        if shutil.which("qemu-nbd") is None:
-            raise LabToolError("the lab's storage target needs qemu-nbd; install it with 'apt-get install qemu-utils'.")
-        image = self.dir / "lun0.img"
-        with open(image, "wb") as f:
-            f.truncate(LUN_SIZE)
-        cmd = ["qemu-nbd", "--persistent", "--shared=64", "--format=raw", "--export-name=lun0",
-               f"--bind={target_ip}", f"--port={NBD_PORT}", str(image)]
-        if st.mode == "netns":
-            cmd = ["ip", "netns", "exec", st.switch, *cmd]
-        log = open(self.dir / "logs" / "storage-target.log", "ab")
-        p = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+    def target_command(self, st: LabState, target_ip: str) -> list[str]:
+        cmd = [sys.executable, "-m", "shoal", "nbd", "serve", "--file", str(st.image), "--name", LUN_EXPORT,
+               "--listen", f"{target_ip}:{NBD_PORT}"]
+        return ["ip", "netns", "exec", st.switch, *cmd] if st.mode == "netns" else cmd
+
+    def _start_target(self, st: LabState, target_ip: str) -> None:
+        with open(st.target_log, "ab") as log:
+            p = subprocess.Popen(self.target_command(st, target_ip), stdout=log, stderr=log,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
         st.target_pid = p.pid
+
+    def _wait_target(self, st: LabState, target_ip: str) -> None:
+        """Agents start only once the LUN is served, so none begins with a failed path."""
+        probe = [sys.executable, "-m", "shoal.lab.probe", target_ip, str(NBD_PORT), LUN_EXPORT,
+                 str(TARGET_START_TIMEOUT_S), str(st.target_pid)]
+        if st.mode == "netns":
+            probe = ["ip", "netns", "exec", st.switch, *probe]
+        try:
+            res = subprocess.run(probe, capture_output=True, text=True, timeout=TARGET_START_TIMEOUT_S + 30)
+        except subprocess.TimeoutExpired as err:
+            raise LabError(f"the storage target {st.target} did not come up; see {st.target_log}.") from err
+        if res.returncode != 0:
+            why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
+            raise LabError(f"the storage target {st.target} did not come up: {why} See {st.target_log}.")
 
     def agent_command(self, st: LabState, node: str) -> list[str]:
         cmd = [sys.executable, "-m", "shoal.agent", "--config", str(st.config), "--node", node]
@@ -270,11 +316,14 @@ class Lab:
 
     # -- faults ---------------------------------------------------------------
 
+    def _network_state(self, st: LabState, network: str) -> None:
+        if network not in st.networks:
+            raise LabError(f"the lab has no network {network!r}; its networks are {', '.join(st.networks)}.")
+
     def set_link(self, node: str, network: str, up: bool) -> str:
         st = self.load()
         self.node_state(st, node)
-        if network not in st.networks:
-            raise LabError(f"the lab has no network {network!r}; its networks are {', '.join(st.networks)}.")
+        self._network_state(st, network)
         if st.mode == "netns":
             netns.ip("-n", st.ns(node), "link", "set", network[:15], "up" if up else "down")
             return f"{node}: link {network} {'up' if up else 'down'} (interface {network[:15]} in {st.ns(node)})"
@@ -288,6 +337,42 @@ class Lab:
         if procs.alive(st.agents.get(node)):
             request(Path(st.dir) / "run" / f"{node}.sock", "block", networks=sorted(blocked))
         return f"{node}: link {network} {'up' if up else 'down'} (in-process fault: loopback lab)"
+
+    def hold_link(self, node: str, network: str, hold: bool) -> str:
+        """Hold (queue, not drop) or release what ``node`` sends on ``network``."""
+        st = self.load()
+        self.node_state(st, node)
+        self._network_state(st, network)
+        if st.mode != "netns":
+            raise LabError("holding a link needs the network-namespace lab: this lab runs on loopback "
+                           "addresses; run 'shoal lab up' as root without --loopback.")
+        held = network in self.held_links(st, node)
+        if hold == held:
+            return f"{node}: link {network} is {'already' if held else 'not'} held"
+        ifb = hold_device(st.networks.index(network) + 1)
+        cmd = ["ip", "netns", "exec", st.ns(node), sys.executable, "-m", "shoal.lab.hold",
+               "hold" if hold else "release", network[:15], ifb]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=HOLD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            raise LabToolError(f"{'holding' if hold else 'releasing'} link {network} of {node} did not finish "
+                               f"within {HOLD_TIMEOUT_S:g} s.") from err
+        if res.returncode != 0:
+            why = res.stderr.strip()[-500:] or f"exit status {res.returncode}"
+            raise LabToolError(f"{'holding' if hold else 'releasing'} link {network} of {node} failed: {why}")
+        if hold:
+            return (f"{node}: link {network} held: what {node} sends on it is queued, not delivered, until "
+                    f"'shoal lab release link {node} {network}'")
+        return f"{node}: link {network} released: {res.stdout.strip()}"
+
+    def held_links(self, st: LabState, node: str, devices: dict[str, str] | None = None) -> list[str]:
+        """Networks whose traffic from ``node`` is held, as the node's namespace shows them
+        (its hold devices), not as lab.json remembers."""
+        if st.mode != "netns":
+            return []
+        if devices is None:
+            devices = netns.link_states(st.ns(node))
+        return [n for k, n in enumerate(st.networks, 1) if hold_device(k) in devices]
 
     def _node_pids(self, st: LabState, node: str) -> tuple[list[int], list[int]]:
         pgids = [st.agents[node]] if st.agents.get(node) else []
@@ -336,13 +421,17 @@ class Lab:
             if st.mode == "netns":
                 ls = netns.link_states(st.ns(node))
                 links = {n: ls.get(n[:15], "missing") for n in st.networks}
+                held = self.held_links(st, node, ls)
             else:
                 links = {n: "down" if n in st.blocked.get(node, []) else "up" for n in st.networks}
-            nodes[node] = {"agent": agent, "pid": pid, "links": links,
+                held = []
+            nodes[node] = {"agent": agent, "pid": pid, "links": links, "held": held,
                            "namespace": st.ns(node) if st.mode == "netns" else None}
+        target = {"url": st.target, "running": procs.alive(st.target_pid), "pid": st.target_pid,
+                  "image": str(st.image), "log": str(st.target_log),
+                  "namespace": st.switch if st.mode == "netns" else None}
         return {"name": st.name, "dir": st.dir, "mode": st.mode, "config": str(st.config),
-                "storage_target": {"url": st.target, "running": procs.alive(st.target_pid)},
-                "nodes": nodes}
+                "storage_target": target, "nodes": nodes}
 
     def exec_env(self, st: LabState, node: str) -> dict[str, str]:
         return {**os.environ, "SHOAL_CONFIG": str(st.config), "SHOAL_NODE": node, "SHOAL_LAB_DIR": st.dir}

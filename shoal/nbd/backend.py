@@ -1,22 +1,33 @@
-"""What an NBD export is backed by.
+"""What an NBD export is backed by, and how the server finds it.
 
-The server knows exports only through :class:`Backend`; it never imports the
-volume package. Backends are blocking and thread-safe: the server runs small
-requests inline on the event loop (page-cache I/O takes microseconds, and a
-thread hop costs more than that) and larger ones in a thread pool, choosing by
-:attr:`Backend.inline_max`.
+The server knows exports only through these classes; it never imports the
+volume package or the node agent. Two kinds of backend:
+
+- :class:`Backend` is blocking and thread-safe: the server runs small requests
+  inline on the event loop (page-cache I/O takes microseconds, and a thread hop
+  costs more than that) and larger ones in a thread pool, choosing by
+  :attr:`Backend.inline_max`.
+- :class:`AsyncBackend` has coroutine methods, for backends that themselves
+  wait on the network (a coordinator, an NBD client to a LUN) on the server's
+  event loop. Each request runs as a task; many run at once per connection.
 
 Contract every backend keeps:
 
 - all offsets and lengths are checked by the server against :attr:`size`
   before a backend sees them;
-- :meth:`read_into` fills the whole buffer (holes read as zeros);
-- after :meth:`flush` returns, every write that completed before it is durable;
+- a read returns (or fills) exactly the bytes asked for (holes read as zeros);
+- after ``flush`` returns, every write that completed before it is durable;
   ``fua=True`` makes one write durable before it returns;
-- :meth:`block_status` returns ``(length, flags)`` runs, flags from
+- ``block_status`` returns ``(length, flags)`` runs, flags from
   ``base:allocation`` (``STATE_HOLE``, ``STATE_ZERO``), covering at least one
   byte and at most the asked range;
-- failures raise :class:`BackendError` carrying the NBD error value to return.
+- failures raise :class:`BackendError` carrying the NBD error value to return;
+- an :class:`AsyncBackend` is cancellation-safe: the server cancels a request's
+  task when its connection is torn down (no reply is sent for it).
+
+Exports are found by name either in a plain mapping name -> backend (looked up
+synchronously) or through an :class:`ExportResolver`, whose coroutines the
+handshake waits for without reading further.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from shoal.nbd.constants import DEFAULT_MAX_BLOCK, STATE_HOLE, STATE_ZERO
 from shoal.nbd.errors import BackendError
@@ -84,7 +96,11 @@ class Backend(ABC):
 
     @abstractmethod
     def write(self, offset: int, data: memoryview | bytes, fua: bool = False) -> None:
-        """Write ``data`` at ``offset`` (allocating holes)."""
+        """Write ``data`` at ``offset`` (allocating holes).
+
+        ``data`` is often a view of a buffer the server reuses: do not keep it
+        after returning.
+        """
 
     @abstractmethod
     def write_zeroes(
@@ -106,6 +122,75 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default does nothing."""
+
+
+class AsyncBackend(ABC):
+    """One export's storage, reached with coroutines on the server's event loop.
+
+    The server runs each request as its own task, so calls overlap freely, also
+    on one connection, and complete in any order. A ``write`` gets an immutable
+    copy of the payload.
+    """
+
+    #: refuse writes (the export is advertised READ_ONLY)
+    read_only: bool = False
+    #: every connection sees the same data and a flush on one covers all
+    can_multi_conn: bool = True
+    block_sizes: BlockSizes = BlockSizes()
+    #: shown by NBD_INFO_DESCRIPTION
+    description: str = ""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Export size in bytes."""
+
+    @abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at ``offset``."""
+
+    @abstractmethod
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``."""
+
+    @abstractmethod
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = True, fua: bool = False
+    ) -> None:
+        """Make the range read as zeros; free space only if ``may_trim``."""
+
+    @abstractmethod
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Hint that the range is unused; contents become unspecified."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation runs from ``offset``; the default says "all data"."""
+        return [(length, 0)]
+
+
+AnyBackend: TypeAlias = Backend | AsyncBackend
+
+
+class ExportResolver(ABC):
+    """Finds exports by name with coroutines (e.g. by asking a coordinator).
+
+    Names arrive exactly as the client sent them (valid UTF-8 without NUL); any
+    normalisation is the resolver's business. An exception from either method
+    is answered to that client with ``NBD_REP_ERR_UNKNOWN`` and its text; the
+    connection stays usable.
+    """
+
+    @abstractmethod
+    async def resolve(self, name: str) -> AnyBackend | None:
+        """The backend of export ``name``, or None if there is none."""
+
+    @abstractmethod
+    async def names(self) -> list[str]:
+        """Export names for NBD_OPT_LIST."""
 
 
 # --- FileBackend --------------------------------------------------------------
@@ -148,7 +233,10 @@ class FileBackend(Backend):
     connection, so multi-conn is safe and ``fdatasync`` covers all of them.
     """
 
-    inline_max = 1 << 30  # page-cache I/O: a thread hop costs more than the copy
+    #: page-cache I/O of a few pages is faster than a thread hop; 64 KiB and more go
+    #: to the pool so that one connection's 1 MiB requests do not hold up the loop
+    #: for the others (measured with bench/bench_nbd.py, docs/NBD.md)
+    inline_max = (64 << 10) - 1
 
     def __init__(self, path: str, *, read_only: bool = False, description: str = ""):
         self.path = path

@@ -44,6 +44,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--threads", type=int, default=4, help="I/O threads (default 4)")
     serve.set_defaults(handler=serve_command)
 
+    from shoal.config import locate
+
+    path = sub.add_parser("path", help="the NBD URI of a volume file on this node (for qemu-io, qemu-img, QEMU)")
+    path.add_argument("target", metavar="VOLUME:/path")
+    path.add_argument("--json", action="store_true")
+    locate.add_arguments(path)
+    path.set_defaults(handler=_path_command)
+
+
+def _path_command(args: argparse.Namespace) -> int:
+    from shoal.cli import online
+
+    return online.cmd_nbd_path(args)
+
 
 def _parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")

@@ -19,6 +19,13 @@ Failure model, written for the node agent's storage path:
 - :meth:`NBDClient.reconnect` opens a fresh connection with retries; it never
   replays anything. Whether to retry a failed write is the caller's decision.
 
+Fencing (docs/NBD.md): a client made with ``register=(holder, key)`` sends
+``NBD_OPT_SHOAL_REGISTER`` before GO on every connection it opens, so the
+server can fence it; :func:`preempt` fences a holder's connections below a key
+and returns only when the server has finished doing so. A refused registration
+raises :class:`NBDFenced`, a server without fencing :class:`FencingUnsupported`;
+neither is retried by :meth:`NBDClient.reconnect`.
+
 Timeouts are the only timing this module knows, grouped in
 :class:`ClientSettings`; the sans-I/O layers below take none.
 """
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 
 from shoal.nbd import wire
 from shoal.nbd.backend import BlockSizes
-from shoal.nbd.client_handshake import ClientHandshake, ExportList, Ready
+from shoal.nbd.client_handshake import ClientHandshake, ExportList, Preempted, Ready
 from shoal.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag, TxFlag
 from shoal.nbd.errors import (
     ConnectionAborted,
@@ -48,6 +55,7 @@ from shoal.nbd.errors import (
     RemoteProtocolError,
     RequestTimeout,
 )
+from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_key
 from shoal.nbd.replies import ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 
@@ -89,7 +97,7 @@ class _Link(asyncio.Protocol):
     def __init__(self, client: NBDClient, hs: ClientHandshake):
         self.client = client
         self.transport: asyncio.Transport | None = None
-        self.handshake_done: asyncio.Future[Ready | ExportList] = (
+        self.handshake_done: asyncio.Future[Ready | ExportList | Preempted] = (
             asyncio.get_running_loop().create_future()
         )
         self.hs: ClientHandshake | None = hs
@@ -183,6 +191,24 @@ async def list_exports(address: Address, *, timeout_s: float = 10.0) -> list[str
     return result.names
 
 
+async def preempt(address: Address, holder: str, below: int, *, timeout_s: float = 10.0) -> None:
+    """Fence ``holder``: abort its connections registered with a key below ``below``.
+
+    Returns once the server has acknowledged, which it does only after those
+    connections are closed and the requests they had already started have
+    completed: from then on nothing they sent can land. Raises
+    :class:`FencingUnsupported` if the server is not shoal's, and
+    :class:`NBDConnectionError` if the acknowledgement does not come within
+    ``timeout_s`` (the fencing may then still be under way: do not rely on it).
+    """
+    order = PreemptOrder(check_holder(holder), check_key("below", below))
+    client = NBDClient(address, "", ClientSettings(connect_timeout_s=timeout_s))
+    hs = ClientHandshake("", preempt=order, target=client.address_text())
+    what = f"preempting holder {holder} below key {below} at {client.address_text()}"
+    result = await client._negotiate(hs, what=what)
+    assert isinstance(result, Preempted)
+
+
 class NBDClient:
     """A connection to one export. Use :meth:`connect`; close with :meth:`close`."""
 
@@ -193,11 +219,18 @@ class NBDClient:
         settings: ClientSettings | None = None,
         *,
         allocation: bool = False,
+        register: tuple[str, int] | None = None,
     ):
         self.address = address
         self.export = export
         self.settings = settings or ClientSettings()
         self.allocation = allocation
+        #: sent as NBD_OPT_SHOAL_REGISTER on every connection opened
+        self.registration = (
+            None
+            if register is None
+            else Registration(check_holder(register[0]), check_key("key", register[1]))
+        )
         self.size = 0
         self.flags = TxFlag(0)
         self.structured = False
@@ -221,21 +254,27 @@ class NBDClient:
         settings: ClientSettings | None = None,
         *,
         allocation: bool = False,
+        register: tuple[str, int] | None = None,
     ) -> NBDClient:
-        client = cls(address, export, settings, allocation=allocation)
+        """Connect; with ``register=(holder, key)`` the connection is registered for fencing."""
+        client = cls(address, export, settings, allocation=allocation, register=register)
         await client._establish()
         return client
 
-    async def _negotiate(self, hs: ClientHandshake) -> Ready | ExportList:
-        """Connect and run ``hs``; a listing closes the connection, a GO keeps it."""
+    async def _negotiate(
+        self, hs: ClientHandshake, *, what: str = ""
+    ) -> Ready | ExportList | Preempted:
+        """Connect and run ``hs``; a listing or a preempt closes the connection, a GO keeps it."""
         link: _Link | None = None
+        timeout_s = self.settings.connect_timeout_s
         try:
-            async with asyncio.timeout(self.settings.connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 link = await _open(self.address, self, hs)
                 result = await link.handshake_done
         except TimeoutError as err:
             _abort_link(link)
-            raise NBDConnectionError(f"connecting to {self._where()} timed out") from err
+            what = what or f"connecting to {self._where()}"
+            raise NBDConnectionError(f"{what} did not complete within {timeout_s:g} s") from err
         except OSError as err:
             raise NBDConnectionError(
                 f"cannot connect to {self._where()}: {err.strerror or err}"
@@ -243,15 +282,20 @@ class NBDClient:
         except BaseException:
             _abort_link(link)
             raise
-        if isinstance(result, ExportList):
-            if link.transport is not None:
-                link.transport.close()  # after NBD_OPT_ABORT has gone out
-        else:
+        if isinstance(result, Ready):
             self._link = link
+        elif link.transport is not None:
+            link.transport.close()  # after NBD_OPT_ABORT has gone out
         return result
 
     async def _establish(self) -> None:
-        ready = await self._negotiate(ClientHandshake(self.export, allocation=self.allocation))
+        hs = ClientHandshake(
+            self.export,
+            allocation=self.allocation,
+            register=self.registration,
+            target=self.address_text(),
+        )
+        ready = await self._negotiate(hs)
         assert isinstance(ready, Ready)
         self.size = ready.size
         self.flags = ready.flags
@@ -261,8 +305,19 @@ class NBDClient:
         self._failure = None
         self._closing = False
 
-    async def reconnect(self) -> None:
-        """Abort the current connection (if any) and open a new one, retrying."""
+    async def reconnect(self, *, key: int | None = None) -> None:
+        """Abort the current connection (if any) and open a new one, retrying.
+
+        A registered client registers again, with the same key unless ``key``
+        gives a new one. :class:`NBDFenced` and :class:`FencingUnsupported` are
+        raised at once: another attempt would be refused the same way.
+        """
+        if key is not None:
+            if self.registration is None:
+                raise LocalProtocolError(
+                    "reconnect(key=...) is for a client made with register=(holder, key)"
+                )
+            self.registration = Registration(self.registration.holder, check_key("key", key))
         self.abort("reconnecting")
         last: NBDError | None = None
         for attempt in range(self.settings.reconnect_attempts):
@@ -503,13 +558,13 @@ class NBDClient:
                 pending.future.set_exception(err)
         self._pending.clear()
 
+    def address_text(self) -> str:
+        if isinstance(self.address, str):
+            return self.address
+        return f"{self.address[0]}:{self.address[1]}"
+
     def _where(self) -> str:
-        where = (
-            self.address
-            if isinstance(self.address, str)
-            else f"{self.address[0]}:{self.address[1]}"
-        )
-        return f"{where} export {self.export!r}"
+        return f"{self.address_text()} export {self.export!r}"
 
 
 def _name(cmd: int) -> str:

@@ -3,14 +3,20 @@
 The client asks, one option at a time (the spec forbids pipelining options)::
 
     C: client flags (FIXED_NEWSTYLE, NO_ZEROES if offered)
+    C: NBD_OPT_SHOAL_REGISTER            if registering (fencing, docs/NBD.md)
     C: NBD_OPT_STRUCTURED_REPLY          if wanted
     C: NBD_OPT_SET_META_CONTEXT          base:allocation, if wanted and structured
     C: NBD_OPT_GO                        asks for NBD_INFO_BLOCK_SIZE
        (NBD_REP_ERR_UNSUP -> NBD_OPT_EXPORT_NAME, for old servers)
     -> Ready
 
-or, to list exports: ``NBD_OPT_LIST`` then ``NBD_OPT_ABORT`` -> ExportList.
+or, to list exports: ``NBD_OPT_LIST`` then ``NBD_OPT_ABORT`` -> ExportList;
+or, to fence a holder: ``NBD_OPT_SHOAL_PREEMPT`` then ``NBD_OPT_ABORT`` -> Preempted.
+
 An error reply to GO raises :class:`HandshakeRefused` with the server's message.
+REGISTER refused with ``NBD_REP_ERR_POLICY`` raises :class:`NBDFenced`; either
+fencing option answered with ``NBD_REP_ERR_UNSUP`` (a server that is not
+shoal's, e.g. qemu-nbd) raises :class:`FencingUnsupported`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from shoal.nbd.constants import (
     Rep,
     TxFlag,
 )
-from shoal.nbd.errors import HandshakeRefused, RemoteProtocolError
+from shoal.nbd.errors import (
+    FencingUnsupported,
+    HandshakeRefused,
+    NBDError,
+    NBDFenced,
+    RemoteProtocolError,
+)
+from shoal.nbd.fencing import PreemptOrder, Registration, encode_preempt, encode_register
 from shoal.nbd.server_handshake import NEED_DATA, NeedData
 
 
@@ -53,6 +66,13 @@ class ExportList:
     names: list[str]
 
 
+@dataclass(frozen=True)
+class Preempted:
+    """The server acknowledged the PREEMPT: the fencing is complete."""
+
+    order: PreemptOrder
+
+
 class Step(enum.Enum):
     GREETING = "greeting"
     OPTION = "option"
@@ -66,6 +86,10 @@ class ClientHandshake:
     structured: bool = True
     allocation: bool = False
     list_exports: bool = False
+    register: Registration | None = None
+    preempt: PreemptOrder | None = None
+    #: names the server in error messages (the client passes its address)
+    target: str = "the server"
     step: Step = Step.GREETING
     _in: bytearray = field(default_factory=bytearray)
     _out: bytearray = field(default_factory=bytearray)
@@ -89,7 +113,7 @@ class ClientHandshake:
         self._out.clear()
         return out
 
-    def next_event(self) -> Ready | ExportList | NeedData:
+    def next_event(self) -> Ready | ExportList | Preempted | NeedData:
         while True:
             if self.step is Step.GREETING:
                 if len(self._in) < wire.GREETING.size:
@@ -106,10 +130,12 @@ class ClientHandshake:
                 self.step = Step.OPTION
                 if self.list_exports:
                     self._send(Opt.LIST)
-                elif self.structured:
-                    self._send(Opt.STRUCTURED_REPLY)
+                elif self.preempt is not None:
+                    self._send(Opt.SHOAL_PREEMPT, encode_preempt(self.preempt))
+                elif self.register is not None:
+                    self._send(Opt.SHOAL_REGISTER, encode_register(self.register))
                 else:
-                    self._send_go()
+                    self._negotiate_export()
             elif self.step is Step.EXPORT_NAME:
                 need = 10 if self._no_zeroes else 134
                 if len(self._in) < need:
@@ -145,6 +171,12 @@ class ClientHandshake:
         self._option = option
         self._out += wire.OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
 
+    def _negotiate_export(self) -> None:
+        if self.structured:
+            self._send(Opt.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+
     def _send_go(self) -> None:
         name = self.export.encode()
         self._send(
@@ -152,8 +184,19 @@ class ClientHandshake:
             wire.U32.pack(len(name)) + name + wire.U16.pack(1) + wire.U16.pack(Info.BLOCK_SIZE),
         )
 
-    def _on_reply(self, rep: int, payload: bytes) -> Ready | ExportList | None:
+    def _on_reply(self, rep: int, payload: bytes) -> Ready | ExportList | Preempted | None:
         option = self._option
+        if option == Opt.SHOAL_REGISTER:
+            if rep == Rep.ACK:
+                self._negotiate_export()
+                return None
+            raise self._fencing_error(option, rep, payload)
+        if option == Opt.SHOAL_PREEMPT:
+            if rep == Rep.ACK:
+                assert self.preempt is not None
+                self._send(Opt.ABORT)
+                return Preempted(self.preempt)
+            raise self._fencing_error(option, rep, payload)
         if option == Opt.LIST:
             if rep == Rep.SERVER and len(payload) >= 4:
                 (n,) = wire.U32.unpack_from(payload)
@@ -217,6 +260,19 @@ class ClientHandshake:
                 _message(f"opening export {self.export!r}", rep, payload), reply_type=rep
             )
         return None  # unknown non-error reply: ignore, as the spec asks
+
+
+    def _fencing_error(self, option: int, rep: int, payload: bytes) -> NBDError:
+        name = Opt(option).name
+        if rep == Rep.ERR_UNSUP:
+            return FencingUnsupported(self.target, f"NBD_OPT_{name} {option:#x}")
+        reg = self.register
+        if option == Opt.SHOAL_REGISTER and rep == Rep.ERR_POLICY and reg is not None:
+            text = payload.decode(errors="replace") or f"holder {reg.holder} is fenced"
+            return NBDFenced(text, holder=reg.holder, key=reg.key)
+        if rep & REP_ERR:
+            return HandshakeRefused(_message(f"NBD_OPT_{name}", rep, payload), reply_type=rep)
+        return RemoteProtocolError(f"unexpected reply {rep:#x} to NBD_OPT_{name}")
 
 
 def _message(what: str, rep: int, payload: bytes) -> str:

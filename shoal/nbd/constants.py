@@ -52,6 +52,11 @@ class Opt(enum.IntEnum):
     LIST_META_CONTEXT = 9
     SET_META_CONTEXT = 10
     EXTENDED_HEADERS = 11
+    # shoal's private options (fencing, docs/NBD.md). The spec numbers its options
+    # upwards from 1 and says nothing of private ones; "SH" in the top half keeps
+    # clear of every number it will plausibly ever assign.
+    SHOAL_REGISTER = 0x53480001
+    SHOAL_PREEMPT = 0x53480002
 
 
 REP_ERR = 1 << 31

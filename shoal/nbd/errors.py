@@ -14,8 +14,13 @@ violation into one log line and a hard disconnect of that one connection.
      │    ├── RequestTimeout        a request took longer than its timeout
      │    └── HandshakeRefused      the server refused the export or an option
      ├── NBDCommandError            the server answered a command with an error
+     ├── NBDFenced                  REGISTER refused: the holder's key is below its floor
+     ├── FencingUnsupported         the server does not know shoal's fencing options
      ├── ExportNotFound             no export by that name
      └── BackendError               a backend failed an operation (carries errno)
+
+``NBDFenced`` and ``FencingUnsupported`` are not connection errors on purpose:
+retrying the same connection cannot cure them, so ``reconnect()`` does not.
 """
 
 from __future__ import annotations
@@ -73,6 +78,31 @@ class NBDCommandError(NBDError):
         self.command = command
         self.errno = error
         self.message = message
+
+
+class NBDFenced(NBDError):
+    """The server refused to register ``holder`` with ``key``: a PREEMPT fenced it.
+
+    The message is the server's own sentence; register again with a newer key.
+    """
+
+    def __init__(self, message: str, *, holder: str, key: int):
+        super().__init__(message)
+        self.holder = holder
+        self.key = key
+
+
+class FencingUnsupported(NBDError):
+    """The storage target answered a shoal fencing option with NBD_REP_ERR_UNSUP."""
+
+    def __init__(self, target: str, option: str):
+        super().__init__(
+            f"the storage target at {target} does not support shoal fencing "
+            f"({option} unsupported); use `shoal nbd serve` as the target, "
+            "or run without fencing"
+        )
+        self.target = target
+        self.option = option
 
 
 class ExportNotFound(NBDError):

@@ -6,26 +6,45 @@ an event other than ``NEED_DATA``::
 
     S: greeting        NBDMAGIC IHAVEOPT flags(FIXED_NEWSTYLE|NO_ZEROES)
     C: client flags    (unknown bits -> RemoteProtocolError: hard disconnect)
-    C: option*         each answered here; export lookups go to ``catalog``
+    C: option*         each answered here, or through a question to the caller
     -> Negotiated      after NBD_OPT_GO's ACK or NBD_OPT_EXPORT_NAME's reply
     -> Aborted         after NBD_OPT_ABORT (we ACK it first)
     -> Refused         NBD_OPT_EXPORT_NAME of an unknown export (spec: terminate)
     -> Closed          clean EOF between options
+
+Questions. The handshake knows no exports and no fencing state. An option that
+needs them makes :meth:`next_event` return a question, and the handshake waits
+(calling :meth:`next_event` again is a :class:`LocalProtocolError`) until the
+caller answers; the caller may take its time (an async export lookup, waiting
+for fenced I/O to finish). Bytes received meanwhile are kept for later.
+
+==================  ===============================  ===============================
+question            asked by                         answered with
+==================  ===============================  ===============================
+``LookupExport``    GO, INFO, EXPORT_NAME,           ``answer_export(info | None)``
+                    LIST/SET_META_CONTEXT
+``ListExports``     LIST                             ``answer_names(names)``
+``Register``        NBD_OPT_SHOAL_REGISTER           ``accept()``
+``Preempt``         NBD_OPT_SHOAL_PREEMPT            ``accept()``, once fencing is done
+==================  ===============================  ===============================
+
+Any question may instead be answered with ``refuse(rep, message)``: an error
+reply, or for EXPORT_NAME (which has no error reply) a ``Refused`` event.
 
 Anything the peer got wrong that the spec lets us answer (bad option length,
 unknown option, unknown export in GO/INFO) gets an ``NBD_REP_ERR_*`` reply and
 negotiation continues; only breaches that leave the byte stream unusable raise
 :class:`RemoteProtocolError`.
 
-States: AWAIT_FLAGS -> OPTIONS -> DONE (terminal).
+States: AWAIT_FLAGS -> OPTIONS <-> ASKING; OPTIONS or ASKING -> DONE (terminal).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 from shoal.nbd import wire
 from shoal.nbd.backend import BlockSizes
@@ -46,6 +65,7 @@ from shoal.nbd.constants import (
     TxFlag,
 )
 from shoal.nbd.errors import LocalProtocolError, RemoteProtocolError
+from shoal.nbd.fencing import PreemptOrder, Registration, parse_preempt, parse_register
 
 #: context id we give ``base:allocation`` in NBD_OPT_SET_META_CONTEXT
 ALLOCATION_CONTEXT_ID = 1
@@ -60,12 +80,6 @@ class ExportInfo:
     flags: TxFlag  # without SEND_DF, which depends on structured replies
     block_sizes: BlockSizes = BlockSizes()
     description: str = ""
-
-
-class ExportCatalog(Protocol):
-    def lookup(self, name: str) -> ExportInfo | None: ...
-
-    def names(self) -> Iterable[str]: ...
 
 
 class NeedData:
@@ -106,15 +120,47 @@ class Closed:
 HandshakeEvent = Negotiated | Aborted | Refused | Closed
 
 
+@dataclass(frozen=True)
+class LookupExport:
+    """Which export is ``name``? (asked by ``option``)"""
+
+    name: str
+    option: Opt
+
+
+@dataclass(frozen=True)
+class ListExports:
+    """Which exports are there?"""
+
+
+@dataclass(frozen=True)
+class Register:
+    """May this connection register as ``registration``?"""
+
+    registration: Registration
+
+
+@dataclass(frozen=True)
+class Preempt:
+    """Fence ``order``, then accept() (the ACK promises the fencing is complete)."""
+
+    order: PreemptOrder
+
+
+Question = LookupExport | ListExports | Register | Preempt
+
+
 class State(enum.Enum):
     AWAIT_FLAGS = "await-flags"
     OPTIONS = "options"
+    ASKING = "asking"  # a question is out; the caller's answer continues the option
     DONE = "done"
 
 
 _TRANSITIONS: dict[State, set[State]] = {
     State.AWAIT_FLAGS: {State.OPTIONS},
-    State.OPTIONS: {State.DONE},
+    State.OPTIONS: {State.ASKING, State.DONE},
+    State.ASKING: {State.OPTIONS, State.DONE},
     State.DONE: set(),
 }
 
@@ -125,16 +171,23 @@ class _Meta:
     allocation: bool = False
 
 
+_Continuation = Callable[[Any], "HandshakeEvent | None"]
+
+
 @dataclass
 class ServerHandshake:
-    catalog: ExportCatalog
     state: State = State.AWAIT_FLAGS
     structured: bool = False
     no_zeroes: bool = False
+    #: set once NBD_OPT_SHOAL_REGISTER was accepted
+    registration: Registration | None = None
     _in: bytearray = field(default_factory=bytearray)
     _out: bytearray = field(default_factory=bytearray)
     _eof: bool = False
     _meta: _Meta = field(default_factory=_Meta)
+    _question: Question | None = None
+    _then: _Continuation | None = None
+    _final: HandshakeEvent | None = None
 
     def __post_init__(self) -> None:
         self._out += wire.GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
@@ -158,7 +211,12 @@ class ServerHandshake:
         """Bytes received after the handshake ended (early requests)."""
         return bytes(self._in)
 
-    def next_event(self) -> HandshakeEvent | NeedData:
+    def next_event(self) -> HandshakeEvent | Question | NeedData:
+        if self.state is State.ASKING:
+            raise LocalProtocolError(f"answer {self._question} before asking for the next event")
+        if self._final is not None:
+            final, self._final = self._final, None
+            return final
         while self.state is not State.DONE:
             if self.state is State.AWAIT_FLAGS:
                 if len(self._in) < 4:
@@ -188,10 +246,60 @@ class ServerHandshake:
             data = bytes(self._in[wire.OPTION_HEADER.size : end])
             del self._in[:end]
             event = self._option(option, data)
-            if event is not None:
+            if event is None:
+                continue
+            if self.state is not State.ASKING:
                 self._set_state(State.DONE)
-                return event
+            return event
         raise LocalProtocolError("handshake is over")
+
+    # --- answers to questions -------------------------------------------------
+
+    def answer_export(self, export: ExportInfo | None) -> None:
+        """Answer :class:`LookupExport`: the export, or None if there is none by that name."""
+        self._answer(LookupExport, export)
+
+    def answer_names(self, names: Iterable[str]) -> None:
+        """Answer :class:`ListExports`."""
+        self._answer(ListExports, list(names))
+
+    def accept(self) -> None:
+        """Answer :class:`Register` or :class:`Preempt` with NBD_REP_ACK."""
+        self._answer((Register, Preempt), None)
+
+    def refuse(self, rep: Rep, message: str) -> None:
+        """Answer any question with an error reply (EXPORT_NAME: a ``Refused`` event)."""
+        question = self._take_answer((LookupExport, ListExports, Register, Preempt))
+        if isinstance(question, LookupExport) and question.option == Opt.EXPORT_NAME:
+            self._finish(Refused(f"NBD_OPT_EXPORT_NAME of {question.name!r} refused: {message}"))
+            return
+        self._error(_option_of(question), rep, message)
+        self._set_state(State.OPTIONS)
+
+    def _ask(self, question: Question, then: _Continuation) -> Question:
+        self._question, self._then = question, then
+        self._set_state(State.ASKING)
+        return question
+
+    def _take_answer(self, kinds: type | tuple[type, ...]) -> Question:
+        question = self._question
+        if question is None or self.state is not State.ASKING or not isinstance(question, kinds):
+            raise LocalProtocolError(f"no question of that kind is pending (pending: {question})")
+        self._question = None
+        return question
+
+    def _answer(self, kinds: type | tuple[type, ...], value: object) -> None:
+        self._take_answer(kinds)
+        then, self._then = self._then, None
+        assert then is not None
+        self._set_state(State.OPTIONS)
+        event = then(value)
+        if event is not None:
+            self._finish(event)
+
+    def _finish(self, event: HandshakeEvent) -> None:
+        self._set_state(State.DONE)
+        self._final = event
 
     def _set_state(self, new: State) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -212,21 +320,27 @@ class ServerHandshake:
         self._out += payload
 
     def _error(self, option: int, rep: Rep, message: str) -> None:
-        self._reply(option, rep, message.encode()[:MAX_STRING])
+        self._reply(option, rep, _clip_utf8(message, MAX_STRING))
 
     # --- options ---------------------------------------------------------
 
-    def _option(self, option: int, data: bytes) -> HandshakeEvent | None:
+    def _option(self, option: int, data: bytes) -> HandshakeEvent | Question | None:
         if option == Opt.EXPORT_NAME:
             return self._export_name(data)
         if option == Opt.ABORT:
             self._reply(option, Rep.ACK)
             return Aborted()
         if option == Opt.LIST:
-            self._list(data)
-        elif option in (Opt.INFO, Opt.GO):
-            return self._info(option, data)
-        elif option == Opt.STRUCTURED_REPLY:
+            return self._list(data)
+        if option in (Opt.INFO, Opt.GO):
+            return self._info(Opt(option), data)
+        if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            return self._meta_context(Opt(option), data)
+        if option == Opt.SHOAL_REGISTER:
+            return self._register(data)
+        if option == Opt.SHOAL_PREEMPT:
+            return self._preempt(data)
+        if option == Opt.STRUCTURED_REPLY:
             if data:
                 self._error(option, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
             elif self.structured:
@@ -234,41 +348,55 @@ class ServerHandshake:
             else:
                 self.structured = True
                 self._reply(option, Rep.ACK)
-        elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            self._meta_context(option, data)
         elif option == Opt.STARTTLS:
             self._error(option, Rep.ERR_UNSUP, "this server does not support TLS")
         else:
             self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
         return None
 
-    def _export_name(self, data: bytes) -> HandshakeEvent:
+    def _export_name(self, data: bytes) -> HandshakeEvent | Question:
         name = _decode(data)
-        export = self.catalog.lookup(name) if name is not None else None
-        if export is None:
+        if name is None:
             return Refused(f"NBD_OPT_EXPORT_NAME asked for unknown export {data[:256]!r}")
-        flags = export.flags | TxFlag.HAS_FLAGS
-        self._out += wire.EXPORT_NAME_REPLY.pack(export.size, flags)
-        if not self.no_zeroes:
-            self._out += wire.NO_ZEROES_PAD
-        return Negotiated(export, flags, structured=False, allocation_context=None)
 
-    def _list(self, data: bytes) -> None:
+        def then(export: ExportInfo | None) -> HandshakeEvent:
+            if export is None:
+                return Refused(f"NBD_OPT_EXPORT_NAME asked for unknown export {data[:256]!r}")
+            flags = export.flags | TxFlag.HAS_FLAGS
+            self._out += wire.EXPORT_NAME_REPLY.pack(export.size, flags)
+            if not self.no_zeroes:
+                self._out += wire.NO_ZEROES_PAD
+            return Negotiated(export, flags, structured=False, allocation_context=None)
+
+        return self._ask(LookupExport(name, Opt.EXPORT_NAME), then)
+
+    def _list(self, data: bytes) -> Question | None:
         if data:
             self._error(Opt.LIST, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
-            return
-        for name in self.catalog.names():
-            raw = name.encode()
-            self._reply(Opt.LIST, Rep.SERVER, wire.U32.pack(len(raw)) + raw)
-        self._reply(Opt.LIST, Rep.ACK)
+            return None
 
-    def _info(self, option: int, data: bytes) -> HandshakeEvent | None:
+        def then(names: list[str]) -> None:
+            for name in names:
+                raw = name.encode()
+                self._reply(Opt.LIST, Rep.SERVER, wire.U32.pack(len(raw)) + raw)
+            self._reply(Opt.LIST, Rep.ACK)
+
+        return self._ask(ListExports(), then)
+
+    def _info(self, option: Opt, data: bytes) -> Question | None:
         parsed = _parse_info_request(data)
         if parsed is None:
             self._error(option, Rep.ERR_INVALID, "malformed NBD_OPT_INFO/GO request")
             return None
         name, requests = parsed
-        export = self.catalog.lookup(name)
+        return self._ask(
+            LookupExport(name, option),
+            lambda export: self._info_reply(option, name, requests, export),
+        )
+
+    def _info_reply(
+        self, option: Opt, name: str, requests: set[int], export: ExportInfo | None
+    ) -> HandshakeEvent | None:
         if export is None:
             self._error(option, Rep.ERR_UNKNOWN, f"there is no export named {name!r}")
             return None
@@ -285,7 +413,7 @@ class ServerHandshake:
         if Info.NAME in requests:
             self._reply(option, Rep.INFO, wire.U16.pack(Info.NAME) + name.encode())
         if Info.DESCRIPTION in requests and export.description:
-            desc = export.description.encode()[:MAX_STRING]
+            desc = _clip_utf8(export.description, MAX_STRING)
             self._reply(option, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + desc)
         self._reply(option, Rep.ACK)
         if option != Opt.GO:
@@ -295,16 +423,24 @@ class ServerHandshake:
             context = ALLOCATION_CONTEXT_ID
         return Negotiated(export, flags, structured=self.structured, allocation_context=context)
 
-    def _meta_context(self, option: int, data: bytes) -> None:
+    def _meta_context(self, option: Opt, data: bytes) -> Question | None:
         if not self.structured:
             self._error(option, Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-            return
+            return None
         parsed = _parse_meta_request(data)
         if parsed is None:
             self._error(option, Rep.ERR_INVALID, "malformed meta context request")
-            return
+            return None
         name, queries = parsed
-        if self.catalog.lookup(name) is None:
+        return self._ask(
+            LookupExport(name, option),
+            lambda export: self._meta_reply(option, name, queries, export),
+        )
+
+    def _meta_reply(
+        self, option: Opt, name: str, queries: list[str], export: ExportInfo | None
+    ) -> None:
+        if export is None:
             self._error(option, Rep.ERR_UNKNOWN, f"there is no export named {name!r}")
             return
         listing = option == Opt.LIST_META_CONTEXT
@@ -317,6 +453,52 @@ class ServerHandshake:
             ctx = 0 if listing else ALLOCATION_CONTEXT_ID
             self._reply(option, Rep.META_CONTEXT, wire.U32.pack(ctx) + BASE_ALLOCATION.encode())
         self._reply(option, Rep.ACK)
+
+    def _register(self, data: bytes) -> Question | None:
+        option = Opt.SHOAL_REGISTER
+        if self.registration is not None:
+            reg = self.registration
+            self._error(
+                option,
+                Rep.ERR_INVALID,
+                f"this connection is already registered as holder {reg.holder} key {reg.key}",
+            )
+            return None
+        try:
+            reg = parse_register(data)
+        except ValueError as err:
+            self._error(option, Rep.ERR_INVALID, f"malformed NBD_OPT_SHOAL_REGISTER: {err}")
+            return None
+
+        def then(_: None) -> None:
+            self.registration = reg
+            self._reply(option, Rep.ACK)
+
+        return self._ask(Register(reg), then)
+
+    def _preempt(self, data: bytes) -> Question | None:
+        option = Opt.SHOAL_PREEMPT
+        try:
+            order = parse_preempt(data)
+        except ValueError as err:
+            self._error(option, Rep.ERR_INVALID, f"malformed NBD_OPT_SHOAL_PREEMPT: {err}")
+            return None
+        return self._ask(Preempt(order), lambda _: self._reply(option, Rep.ACK))
+
+
+def _option_of(question: Question) -> int:
+    if isinstance(question, LookupExport):
+        return question.option
+    if isinstance(question, ListExports):
+        return Opt.LIST
+    if isinstance(question, Register):
+        return Opt.SHOAL_REGISTER
+    return Opt.SHOAL_PREEMPT
+
+
+def _clip_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8 of at most ``limit`` bytes, never cut inside a character."""
+    return text.encode()[:limit].decode(errors="ignore").encode()
 
 
 def _decode(raw: bytes) -> str | None:

@@ -70,6 +70,44 @@ def _register_volume(sub: Any) -> None:
     d.add_argument("--json", action="store_true")
     d.set_defaults(handler=cmd_defrag)
 
+    # online: through this node's agent
+    from shoal.config import locate
+
+    o = vs.add_parser("ls", help="the cluster's volumes: coordinator, epoch, each node's state and I/O counters")
+    o.add_argument("--json", action="store_true")
+    locate.add_arguments(o)
+    o.set_defaults(handler=_online("cmd_volume_ls"))
+    o = vs.add_parser("move", help="move a volume's coordinator role to another node")
+    o.add_argument("volume")
+    o.add_argument("--to", required=True, metavar="NODE")
+    o.add_argument("--json", action="store_true")
+    locate.add_arguments(o)
+    o.set_defaults(handler=_online("cmd_volume_move"))
+    o = vs.add_parser("maintenance", help="maintenance mode: every other node redirected, the coordinator "
+                      "has the LUN to itself")
+    o.add_argument("volume")
+    o.add_argument("mode", choices=["on", "off"])
+    locate.add_arguments(o)
+    o.set_defaults(handler=_online("cmd_volume_maintenance"))
+    o = vs.add_parser("repair", help="fsck or defrag a volume in use (sets and clears maintenance mode)")
+    o.add_argument("volume")
+    how = o.add_mutually_exclusive_group(required=True)
+    how.add_argument("--fsck", action="store_true", help="check and repair")
+    how.add_argument("--defrag", action="store_true", help="make every file contiguous")
+    o.add_argument("--json", action="store_true")
+    locate.add_arguments(o)
+    o.set_defaults(handler=_online("cmd_volume_repair"))
+
+
+def _online(name: str) -> Any:
+    """A handler in shoal.cli.online, imported when used (it talks to the agent)."""
+    def run(args: argparse.Namespace) -> int:
+        from shoal.cli import online
+
+        return int(getattr(online, name)(args))
+
+    return run
+
 
 def cmd_format(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "--size") if args.size else None
@@ -187,10 +225,14 @@ def _register_file(sub: Any) -> None:
     p = sub.add_parser("file", help="list, create, copy in and out, and remove files on a volume")
     fs = p.add_subparsers(dest="file_command", metavar="ACTION", required=True)
 
+    from shoal.config import locate
+
     def add(name: str, helptext: str, handler: Any) -> argparse.ArgumentParser:
-        a = fs.add_parser(name, help=helptext)
-        a.add_argument("--volume", required=True, metavar="PATH", help="volume image or block device")
-        a.set_defaults(handler=handler)
+        a = fs.add_parser(name, help=helptext + " (VOLUME:/path online through this node's agent, "
+                          "or --volume IMAGE offline)")
+        a.add_argument("--volume", metavar="PATH", help="offline: a volume image or block device no cluster uses")
+        locate.add_arguments(a)
+        a.set_defaults(handler=_file_handler(handler))
         return a
 
     a = add("ls", "list a directory", cmd_ls)
@@ -222,6 +264,17 @@ def _register_file(sub: Any) -> None:
     a.add_argument("src", help="path on the volume")
     a.add_argument("dst", help="host file")
     a.add_argument("--force", action="store_true", help="overwrite an existing host file")
+
+
+def _file_handler(offline: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        if args.volume is not None:
+            return int(offline(args))
+        from shoal.cli import online
+
+        return online.file_online(args)
+
+    return run
 
 
 def _stat_line(st: Stat) -> str:

@@ -84,19 +84,36 @@ def fsck(path: str, *, repair: bool = False) -> Report:
     except VolumeError as err:
         report.error = str(err)
         return report
+    try:
+        _fsck(device, report, repair=repair, online_epoch=None)
+    finally:
+        device.close()
+    return report
+
+
+def fsck_online(device: Device, *, repair: bool, epoch: int) -> Report:
+    """fsck by the coordinator in maintenance mode: it holds the lease (``epoch``) and has
+    closed its open volume, so nothing else writes metadata; the lease area is left alone."""
+    report = Report(device.path)
+    _fsck(device, report, repair=repair, online_epoch=epoch)
+    return report
+
+
+def _fsck(device: Device, report: Report, *, repair: bool, online_epoch: int | None) -> None:
     lease: OfflineLease | None = None
     try:
         sb = _check_superblocks(device, report)
         if sb is None:
-            return report
-        area = LeaseArea(device, sb)
-        _check_leases(area, report, repair=repair)
-        current = area.read_lease() if not _lease_damaged(report) else CoordinatorLease()
-        if repair:
-            lease = OfflineLease(area, sb.name)
-            lease.acquire()
-        elif current.owner != FREE and area.owner_alive(current):
-            raise in_use_error(current, sb.name)
+            return
+        if online_epoch is None:
+            area = LeaseArea(device, sb)
+            _check_leases(area, report, repair=repair)
+            current = area.read_lease() if not _lease_damaged(report) else CoordinatorLease()
+            if repair:
+                lease = OfflineLease(area, sb.name)
+                lease.acquire()
+            elif current.owner != FREE and area.owner_alive(current):
+                raise in_use_error(current, sb.name)
         meta, last_seq = _load(device, sb, report)
         _check_namespace(meta, report, repair=repair)
         owner = _check_extents(meta, report, repair=repair)
@@ -104,7 +121,10 @@ def fsck(path: str, *, repair: bool = False) -> Report:
         report.files = sum(1 for n in meta.inodes.values() if not n.is_dir)
         report.used_units = meta.used_units
         if repair and report.problems:
-            epoch = lease.lease.epoch if lease and lease.lease else 0
+            if online_epoch is not None:
+                epoch = online_epoch
+            else:
+                epoch = lease.lease.epoch if lease and lease.lease else 0
             _write_back(device, sb, meta, last_seq, epoch)
             for p in report.problems:
                 p.fixed = True
@@ -114,8 +134,6 @@ def fsck(path: str, *, repair: bool = False) -> Report:
     finally:
         if lease:
             lease.release()
-        device.close()
-    return report
 
 
 # ---- superblocks and leases ------------------------------------------------------------

@@ -268,10 +268,14 @@ class SlotWatcher:
 
     def dead(self, node_id: int) -> bool:
         """Unchanged for 8T since we first looked, or released cleanly."""
+        return self.judge(node_id)[1]
+
+    def judge(self, node_id: int) -> tuple[LivenessSlot, bool]:
+        """The slot as read now, and whether its owner is dead (see :meth:`dead`)."""
         slot = self.poll(node_id)
         if slot.flags & RELEASED or slot.generation == 0:
-            return True
-        return self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
+            return slot, True
+        return slot, self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
 
 
 def in_use_error(lease: CoordinatorLease, volume_name: str) -> VolumeInUse:

@@ -185,7 +185,16 @@ class Volume:
              guard: Callable[[], None] | None = None) -> Volume:
         """Open and replay. ``offline`` (the default, for tools) honours the coordinator
         lease: refuse if a live owner holds it, and hold it while writing."""
-        device = Device(path, writable=writable)
+        return cls.open_device(Device(path, writable=writable), writable=writable, offline=offline,
+                               epoch=epoch, guard=guard)
+
+    @classmethod
+    def open_device(cls, device: Device, *, writable: bool = True, offline: bool = True,
+                    epoch: int | None = None, guard: Callable[[], None] | None = None,
+                    clean_seq: int | None = None) -> Volume:
+        """:meth:`open` on a device the caller opened (the agent's LUN over NBD); the
+        volume closes it. ``clean_seq``: see :func:`load_metadata` (a planned hand-over:
+        neither the journal scan nor a fresh checkpoint is needed)."""
         try:
             sb, warnings = read_superblock(device)
             lease: OfflineLease | None = None
@@ -202,12 +211,12 @@ class Volume:
                     if current.owner != FREE and area.owner_alive(current):
                         raise in_use_error(current, sb.name)
             try:
-                meta, start, next_seq, more = load_metadata(device, sb)
+                meta, start, next_seq, more = load_metadata(device, sb, clean_seq=clean_seq)
                 warnings.extend(more)
                 vol = cls(device, sb, meta, writable=writable, epoch=epoch or 0, journal_start=start,
                           next_seq=next_seq, warnings=warnings, lease=lease, guard=guard,
                           ckpt_first=meta.loaded_from_other)
-                if writable:
+                if writable and (clean_seq is None or next_seq != clean_seq + 1):
                     vol.checkpoint()
                 return vol
             except BaseException:
@@ -237,6 +246,18 @@ class Volume:
         self.close()
 
     # ---- transactions ----------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last journal record (or checkpoint) written; after :meth:`close`, the
+        ``clean_seq`` a successor may open with."""
+        return self._journal.next_seq - 1
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why this open volume stopped taking changes (memory may be ahead of the disk:
+        reopen it to replay), or None."""
+        return self._broken or self._journal._failed
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -894,10 +915,14 @@ class VolumeFile:
         return out
 
 
-def load_metadata(device: Device, sb: Superblock, *, strict: bool = True) -> tuple[Metadata, int, int, list[str]]:
+def load_metadata(device: Device, sb: Superblock, *, strict: bool = True,
+                  clean_seq: int | None = None) -> tuple[Metadata, int, int, list[str]]:
     """Newest checkpoint plus journal replay -> (metadata, journal end, next seq, warnings).
 
     ``strict``: raise on a damaged journal record instead of keeping what replayed.
+    ``clean_seq``: the previous holder closed the volume cleanly with a checkpoint of
+    this seq and writes no more (a planned hand-over); if the newest checkpoint is that
+    one, no record can follow it and the journal is not read at all.
     """
     warnings: list[str] = []
     slots = []
@@ -918,6 +943,8 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True) -> tup
     # the next checkpoint overwrites the other (older or damaged) slot first, so a crash
     # during it always leaves the slot we loaded from intact
     meta.loaded_from_other = "B" if label == "A" else "A"
+    if clean_seq is not None and head.seq == clean_seq:
+        return meta, 0, head.seq + 1, warnings
     result = journal.scan(device, sb, head.seq, min_epoch=head.epoch)
     if result.damage:
         if strict:

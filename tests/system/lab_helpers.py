@@ -21,7 +21,7 @@ from shoal.lab.lab import Lab, LabState
 def require_lab_tools() -> None:
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root for network namespaces; run the suite as root (./run test)")
-    for tool, pkg in (("ip", "iproute2"), ("qemu-nbd", "qemu-utils")):
+    for tool, pkg in (("ip", "iproute2"), ("tc", "iproute2"), ("qemu-img", "qemu-utils")):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: install the Debian package {pkg} (./run setup does it)")
     probe = f"shoal-probe-{os.getpid()}"

@@ -27,6 +27,11 @@ def test_down_after_killed_and_frozen_processes(tmp_path: Path) -> None:
         info = shoal_ok("lab", "exec", "--dir", str(d), "node1", "--", "qemu-img", "info", "--output=json",
                         st.target)
         assert json.loads(info)["virtual-size"] == 4 << 30
+        # ... and it is the lab's volume vol1, served by shoal's own NBD server
+        with open(d / "lun0.img", "rb") as lun:
+            assert lun.read(8) == b"SHOALVOL"
+        assert status["storage_target"]["pid"] == st.target_pid and st.target_pid is not None
+        assert b"serve" in Path(f"/proc/{st.target_pid}/cmdline").read_bytes().split(b"\0")
         # a crash: agents killed behind the lab's back, one frozen, lab.json lost
         os.kill(st.agents["node1"], signal.SIGKILL)
         os.killpg(st.agents["node2"], signal.SIGSTOP)

@@ -9,6 +9,7 @@ seconds); ``bench/fuzz_nbd.py`` runs the same properties for longer by setting
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -23,11 +24,21 @@ from shoal.nbd.constants import (
     REQUEST_MAGIC,
     Cmd,
     Opt,
+    Rep,
     TxFlag,
 )
 from shoal.nbd.errors import RemoteProtocolError
+from shoal.nbd.fencing import parse_preempt, parse_register
 from shoal.nbd.requests import RequestChecker, parse_request
-from shoal.nbd.server_handshake import NEED_DATA, ExportInfo, ServerHandshake
+from shoal.nbd.server_handshake import (
+    NEED_DATA,
+    ExportInfo,
+    ListExports,
+    LookupExport,
+    Preempt,
+    Register,
+    ServerHandshake,
+)
 
 EXAMPLES = int(os.environ.get("NBD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -62,13 +73,24 @@ def check_option_replies(data: bytes) -> None:
 
 
 def drive_handshake(chunks: list[bytes]) -> None:
-    hs = ServerHandshake(Catalog())
+    hs = ServerHandshake()
+    catalog = Catalog()
     hs.data_to_send()
     sent = b""
     try:
         for chunk in chunks + [b""]:
             hs.receive_data(chunk)
             event = hs.next_event()
+            while isinstance(event, LookupExport | ListExports | Register | Preempt):
+                if isinstance(event, LookupExport):
+                    hs.answer_export(catalog.lookup(event.name))
+                elif isinstance(event, ListExports):
+                    hs.answer_names(catalog.names())
+                elif isinstance(event, Register) and event.registration.key < 5:
+                    hs.refuse(Rep.ERR_POLICY, "fenced")
+                else:
+                    hs.accept()
+                event = hs.next_event()
             sent += hs.data_to_send()
             if event is not NEED_DATA:
                 break
@@ -85,6 +107,7 @@ def string(s: bytes) -> bytes:
     return struct.pack(">I", len(s)) + s
 
 
+fencing_options = st.sampled_from([Opt.SHOAL_REGISTER, Opt.SHOAL_PREEMPT])
 names = st.sampled_from([b"disk", b"", b"nope", b"\xff", b"d\x00k"]) | st.binary(max_size=20)
 options = st.one_of(
     st.builds(opt, st.integers(0, 16), st.binary(max_size=64)),
@@ -112,6 +135,15 @@ options = st.one_of(
     st.builds(lambda: opt(Opt.STRUCTURED_REPLY, b"")),
     st.builds(lambda: opt(Opt.LIST, b"")),
     st.builds(lambda n: opt(Opt.EXPORT_NAME, n), names),
+    st.builds(
+        lambda code, holder, key: opt(
+            code, json.dumps({"holder": holder, "key": key, "below": key}).encode()
+        ),
+        fencing_options,
+        st.sampled_from(["node2", "", "x" * 65, "a\nb"]) | st.text(max_size=8),
+        st.integers(0, 9) | st.integers(-2, 1 << 65) | st.booleans(),
+    ),
+    st.builds(opt, fencing_options, st.binary(max_size=64)),
     st.binary(max_size=40),  # garbage
 )
 
@@ -140,6 +172,28 @@ def test_handshake_random_bytes(data: bytes, cuts: list[int]) -> None:
 )
 def test_handshake_option_sequences(flags: int, opts: list[bytes], cuts: list[int]) -> None:
     drive_handshake(split(struct.pack(">I", flags) + b"".join(opts), cuts))
+
+
+@FUZZ
+@given(
+    st.binary(max_size=80)
+    | st.builds(
+        lambda obj: json.dumps(obj).encode(),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+            lambda inner: st.lists(inner, max_size=3)
+            | st.dictionaries(st.sampled_from(["holder", "key", "below", "x"]), inner),
+            max_leaves=6,
+        ),
+    )
+)
+def test_fencing_payloads_parse_or_raise_value_error(data: bytes) -> None:
+    for parse in (parse_register, parse_preempt):
+        try:
+            parsed = parse(data)
+        except ValueError:
+            continue
+        assert 1 <= len(parsed.holder) <= 64 and parsed.holder.isprintable()
 
 
 requests = st.one_of(

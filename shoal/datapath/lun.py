@@ -1,0 +1,158 @@
+"""One node's storage path to a volume's LUN: registered NBD connections to the target.
+
+A LUN is named by a URL, ``nbd://HOST:PORT/EXPORT``. The node opens its connections
+*registered* with the target as holder ``<node name>`` and a key (NBD fencing, see
+docs/NBD.md): the coordinator can then *preempt* every connection of this node whose
+key is below a floor, after which nothing sent on them can land on the LUN, even if
+their packets arrive late. That is what makes a switch to redirected I/O safe: the
+coordinator preempts the node's old key before it performs any of the node's I/O.
+
+Keys: ``generation << 32 | attempt``. ``generation`` is the node's liveness-slot
+generation (it grows on every rejoin); ``attempt`` grows every time the node opens the
+path again after a failure. A fenced node (floor ``(g + 1) << 32``) can only come back
+by rejoining, which gives it generation ``g + 1``.
+
+Every request carries the I/O timeout; a request that fails or times out aborts *all*
+connections of the path (what was queued on them is discarded, what was in flight has
+an unknown fate) and raises :class:`PathFailed`. The path is then down until
+:meth:`StoragePath.reopen` succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+from shoal.config.volumes import parse_lun
+from shoal.datapath.errors import PathFailed
+from shoal.errors import UsageError
+from shoal.nbd.client import ClientSettings, NBDClient
+from shoal.nbd.errors import NBDError
+
+log = logging.getLogger(__name__)
+
+DATA_CONNECTIONS = 2
+
+
+@dataclass(frozen=True)
+class LunAddress:
+    host: str
+    port: int
+    export: str
+
+    @classmethod
+    def parse(cls, url: str) -> LunAddress:
+        lun = parse_lun(url)  # the config validated it already; this only narrows the kind
+        if not lun.is_nbd or lun.host is None:
+            raise UsageError(f"LUN {url!r} is a local path; the agent reaches LUNs over NBD "
+                             "(nbd://HOST:PORT/EXPORT) — serve it with 'shoal nbd serve --file'")
+        return cls(lun.host, lun.port or 10809, lun.export or "")
+
+    def __str__(self) -> str:
+        return f"nbd://{self.host}:{self.port}/{self.export}"
+
+
+def make_key(generation: int, attempt: int) -> int:
+    return (generation << 32) | (attempt & 0xFFFFFFFF)
+
+
+class StoragePath:
+    """Registered connections to the LUN; async block I/O bounded by the I/O timeout."""
+
+    def __init__(self, address: LunAddress, holder: str, *, io_timeout_s: float):
+        self.address = address
+        self.holder = holder
+        self.io_timeout_s = io_timeout_s
+        self.key = 0
+        self.size = 0
+        self.failure: str | None = "not opened yet"
+        self._clients: list[NBDClient] = []
+        self._control: NBDClient | None = None
+        self._rr = itertools.count()
+
+    @property
+    def up(self) -> bool:
+        return self.failure is None
+
+    def _settings(self) -> ClientSettings:
+        return ClientSettings(connect_timeout_s=max(self.io_timeout_s, 1.0), request_timeout_s=self.io_timeout_s,
+                              reconnect_attempts=1, max_in_flight=64)
+
+    async def open(self, key: int) -> None:
+        """(Re)open every connection registered with ``key``; raises PathFailed."""
+        self.abort("reopening")
+        addr = (self.address.host, self.address.port)
+        clients: list[NBDClient] = []
+        try:
+            for _ in range(DATA_CONNECTIONS + 1):
+                clients.append(await NBDClient.connect(addr, self.address.export, self._settings(),
+                                                       register=(self.holder, key)))
+        except (NBDError, OSError, TimeoutError) as err:
+            for c in clients:
+                c.abort("open failed")
+            raise PathFailed(f"cannot open {self.address}: {err}") from err
+        self._control, *self._clients = clients
+        self.size = clients[0].size
+        self.key = key
+        self.failure = None
+        log.info("%s: storage path to %s open (key %#x)", self.holder, self.address, key)
+
+    def abort(self, reason: str) -> dict[str, int]:
+        """Abort every connection: queued requests are discarded, in-flight ones fail."""
+        totals = {"discarded": 0, "in_flight": 0}
+        for c in [*self._clients, *([self._control] if self._control else [])]:
+            for k, v in c.abort(reason).items():
+                totals[k] = totals.get(k, 0) + v
+        self._clients, self._control = [], None
+        if self.failure is None:
+            self.failure = reason
+        return totals
+
+    def _pick(self, control: bool) -> NBDClient:
+        if self.failure is not None:
+            raise PathFailed(self.failure)
+        if control:
+            assert self._control is not None
+            return self._control
+        return self._clients[next(self._rr) % len(self._clients)]
+
+    async def _do(self, what: str, control: bool, fn: object) -> object:
+        client = self._pick(control)
+        try:
+            async with asyncio.timeout(self.io_timeout_s):
+                return await fn(client)  # type: ignore[operator]
+        except (NBDError, OSError, TimeoutError) as err:
+            detail = str(err) or f"no answer within the I/O timeout ({self.io_timeout_s:g} s)"
+            reason = f"{what} failed: {detail}"
+            if self.failure is None:
+                counts = self.abort(reason)
+                log.warning("%s: storage path to %s failed (%s); aborted %d queued and %d in-flight requests",
+                            self.holder, self.address, reason, counts["discarded"], counts["in_flight"])
+            raise PathFailed(reason) from err
+
+    async def read(self, offset: int, length: int, *, control: bool = False) -> bytes:
+        data = await self._do("read", control, lambda c: c.read(offset, length))
+        assert isinstance(data, bytes)
+        return data
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False, control: bool = False) -> None:
+        await self._do("write", control, lambda c: c.write(offset, data, fua=fua))
+
+    async def write_zeroes(self, offset: int, length: int, *, control: bool = False) -> None:
+        await self._do("write zeroes", control, lambda c: c.write_zeroes(offset, length))
+
+    async def flush(self, *, control: bool = False) -> None:
+        # one FLUSH covers every connection (the target advertises multi-conn)
+        await self._do("flush", control, lambda c: c.flush())
+
+    async def close(self) -> None:
+        for c in [*self._clients, *([self._control] if self._control else [])]:
+            try:
+                async with asyncio.timeout(self.io_timeout_s):
+                    await c.close()
+            except (NBDError, OSError, TimeoutError):
+                c.abort("close")
+        self._clients, self._control = [], None
+        self.failure = "closed"

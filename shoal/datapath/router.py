@@ -1,0 +1,78 @@
+"""Where a block request goes: straight to the LUN, or through the coordinator.
+
+:class:`BlockRouter` takes block requests at LUN offsets (the file backend has already
+translated file offsets with the file's map) and sends each one *direct* on this node's
+storage path when that is allowed, else *redirected* to the coordinator.
+
+Direct is allowed while the path is up, this node's own liveness renewals are current
+(the 4T rule: a node that cannot prove it is alive stops touching the LUN) and no
+redirect reason is set. When a direct request fails, the path aborts everything queued
+on it (:mod:`shoal.datapath.lun`), the router tells its owner (who switches the volume
+to ``redirected`` and starts probing) and re-sends the request through the coordinator.
+The coordinator preempts this node's old registration at the target before it performs
+any of its requests, so a direct write still travelling on the failed path can never
+land after the same block was rewritten through the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from shoal.datapath.errors import PathFailed
+from shoal.datapath.lun import StoragePath
+from shoal.datapath.states import Counters
+
+log = logging.getLogger(__name__)
+
+#: (kind, offset, length, payload) -> reply payload; kind is read|write|zero|flush
+Redirect = Callable[[str, int, int, bytes], Awaitable[bytes]]
+
+
+class BlockRouter:
+    def __init__(self, path: StoragePath, *, redirect: Redirect, direct_allowed: Callable[[], bool],
+                 on_path_failed: Callable[[str], None], counters: Counters):
+        self.path = path
+        self._redirect = redirect
+        self._direct_allowed = direct_allowed
+        self._on_path_failed = on_path_failed
+        self.counters = counters
+
+    def direct(self) -> bool:
+        return self.path.up and self._direct_allowed()
+
+    async def _route(self, kind: str, offset: int, length: int, payload: bytes = b"") -> bytes:
+        if self.direct():
+            try:
+                if kind == "read":
+                    data = await self.path.read(offset, length)
+                elif kind == "write":
+                    await self.path.write(offset, payload)
+                    data = b""
+                elif kind == "zero":
+                    await self.path.write_zeroes(offset, length)
+                    data = b""
+                else:
+                    await self.path.flush()
+                    data = b""
+                self.counters.direct_requests += 1
+                self.counters.direct_bytes += length
+                return data
+            except PathFailed as err:
+                self._on_path_failed(str(err))
+        data = await self._redirect(kind, offset, length, payload)
+        self.counters.redirected_requests += 1
+        self.counters.redirected_bytes += length
+        return data
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._route("read", offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self._route("write", offset, len(data), bytes(data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._route("zero", offset, length)
+
+    async def flush(self) -> None:
+        await self._route("flush", 0, 0)

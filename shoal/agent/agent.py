@@ -309,6 +309,8 @@ class NodeAgent:
 
     def set_disk_alive(self, peer: str, alive: bool) -> None:
         """A volume judged ``peer``'s liveness slot: re-judge its membership with it."""
+        if self.disk_alive.get(peer) == alive:
+            return
         self.disk_alive[peer] = alive
         up = self._peer_up_map(peer)
         self.membership.update(peer, any(up.values()), disk_alive=alive)

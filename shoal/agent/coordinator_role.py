@@ -272,8 +272,9 @@ class CoordinatorRole:
         except DeviceError:
             self._watcher = None  # our reads fail: judge nobody by time we could not see
             return
+        fresh_s = 3 * rt.io_timeout_s
         for node, slot, dead in judged:
-            rt.agent.set_disk_alive(node, not dead and watcher.advanced(rt.node_id_of(node)))
+            rt.agent.set_disk_alive(node, watcher.advancing(rt.node_id_of(node), fresh_s))
             if dead and slot.generation > 0:
                 await self.fence(node, slot.generation, "its liveness slot stopped advancing for 8 I/O timeouts")
 

@@ -407,24 +407,23 @@ class VolumeRuntime:
                 self._spawn(self.drop_maps())
 
     async def _judge_unreachable_peers(self, area: LeaseArea) -> None:
-        """Feed disk liveness into membership: a peer no heartbeat reaches but whose slot
-        advances is ``isolated``, not ``down``. (The coordinator does this in its tick.)"""
-        peers = [(p.name, p.id) for p in self.agent.peers
-                 if self.agent.membership.state(p.name) is not NodeState.UP]
-        if not peers:
-            self._watcher = None
-            return
+        """Feed disk liveness into membership: a peer whose slot advanced within the last
+        3T (it renews every 2T) is alive on disk, so when no heartbeat reaches it, it is
+        ``isolated``, not ``down``. Every peer is watched all the time, so a cut-off node
+        goes straight from ``up`` to ``isolated``, and a dead one to ``down``."""
         if self._watcher is None:
             self._watcher = SlotWatcher(area, self.timing)
         watcher = self._watcher
+        peers = [(p.name, p.id) for p in self.agent.peers]
+        fresh_s = 3 * self.io_timeout_s
         try:
             judged = await self.run_blocking(
-                lambda: [(n, not watcher.judge(i)[1] and watcher.advanced(i)) for n, i in peers])
+                lambda: [(n, watcher.poll(i) and watcher.advancing(i, fresh_s)) for n, i in peers])
         except DeviceError:
             self._watcher = None  # judge nobody by time we could not see
             return
         for node, alive in judged:
-            self.agent.set_disk_alive(node, alive)
+            self.agent.set_disk_alive(node, bool(alive))
 
     async def _serving(self, node: str) -> bool:
         """Does ``node`` say it serves the volume? (asked at most every T)"""

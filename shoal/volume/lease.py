@@ -266,6 +266,11 @@ class SlotWatcher:
         seen = self._seen.get(node_id)
         return seen is not None and seen.changes > 0
 
+    def advancing(self, node_id: int, within_s: float) -> bool:
+        """The slot changed, and its last change was seen less than ``within_s`` ago."""
+        seen = self._seen.get(node_id)
+        return seen is not None and seen.changes > 0 and self.clock() - seen.changed_at < within_s
+
     def dead(self, node_id: int) -> bool:
         """Unchanged for 8T since we first looked, or released cleanly."""
         return self.judge(node_id)[1]

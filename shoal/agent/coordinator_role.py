@@ -29,6 +29,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from shoal.agent.volumes import LONG_LANE, REVOKE_LANE
 from shoal.coordinator.errors import LeaseLost, NotCoordinator
 from shoal.coordinator.metadata import MetadataService, MetadataSettings
 from shoal.datapath.errors import PathFailed
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.agent.coordinator")
 
 FREEING_OPS = {"remove", "resize", "trim", "zero"}
-REVOKE_LANE = 7  # revocations never queue behind a node's own requests
 
 
 def _not_coordinator(why: str) -> dict[str, Any]:
@@ -338,7 +338,7 @@ class CoordinatorRole:
                 "holders": holders, "fenced": self.fenced_gen, "maintenance": rt.maintenance,
                 "preempt_below": None if planned else rt.path.key + 1, "clean_seq": clean_seq}
         try:
-            result, _, _ = await rt.agent.call_peer(target, "csv.takeover", args, lane=9,
+            result, _, _ = await rt.agent.call_peer(target, "csv.takeover", args, lane=LONG_LANE,
                                                     timeout_s=max(30.0, 16 * rt.io_timeout_s))
             if not isinstance(result, dict) or not result.get("ok"):
                 raise RuntimeError(str(result.get("message") if isinstance(result, dict) else result))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.agent.coordinator_role import CoordinatorRole, _not_coordinator
 from shoal.agent.errors import AgentError
+from shoal.agent.volumes import LONG_LANE
 from shoal.datapath.states import Reason
 from shoal.netft.errors import NetftError
 from shoal.volume.defrag import defrag
@@ -249,7 +250,7 @@ async def forward_to_coordinator(rt: VolumeRuntime, op: str, args: dict[str, Any
         return await _PEER_OPS[op](rt, rt.node, args)
     try:
         # moves, maintenance and repairs take as long as they take (a lane of their own)
-        result, _, _ = await rt.agent.call_peer(coord, op, args, lane=9, timeout_s=LONG_OP_TIMEOUT_S)
+        result, _, _ = await rt.agent.call_peer(coord, op, args, lane=LONG_LANE, timeout_s=LONG_OP_TIMEOUT_S)
     except NetftError as err:
         raise AgentError(f"the coordinator {coord} of {rt.name} did not answer: {err}") from err
     return result

@@ -73,7 +73,13 @@ T_ = TypeVar("T_")
 #: how long a request waits for a coordinator before it fails (DESIGN: I/O waits while
 #: the role moves or storage is lost everywhere; not forever)
 COORDINATOR_WAIT_S = 600.0
-IO_LANES = 4
+#: connections ("lanes") to a peer: block I/O spreads over IO_LANES of them, and
+#: metadata, revocations and long requests (move, repair) each have their own, so no
+#: kind of request queues behind another
+IO_LANES = 8
+META_LANE = IO_LANES + 1
+REVOKE_LANE = IO_LANES + 2
+LONG_LANE = IO_LANES + 3
 
 
 class GapAwareRenewer(LivenessRenewer):
@@ -484,7 +490,7 @@ class VolumeRuntime:
         if op in ("csv.io", "csv.fio"):
             self._io_lane = (self._io_lane + 1) % IO_LANES
             return 1 + self._io_lane
-        return IO_LANES + 1
+        return META_LANE
 
     async def _meta_call(self, op: str, args: dict[str, Any]) -> Any:
         result, _ = await self.call_coordinator("csv.meta", {"op": op, "args": args})

@@ -118,7 +118,8 @@ class FileBackend(AsyncBackend):
             async def seg(lun: int | None, f: int, n: int) -> bytes:
                 return bytes(n) if lun is None else await router.read(lun, n)
 
-            return b"".join(await self._mapped("read", offset, length, seg, allocate=False))
+            parts = await self._mapped("read", offset, length, seg, allocate=False)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         except (DataPathError, MetadataError) as err:
             raise _error("read", err) from err
 
@@ -134,7 +135,8 @@ class FileBackend(AsyncBackend):
 
                 async def seg(lun: int | None, f: int, n: int) -> bytes:
                     assert lun is not None
-                    await router.write(lun, bytes(view[f - offset:f - offset + n]))
+                    whole = f == offset and n == len(data)
+                    await router.write(lun, data if whole else bytes(view[f - offset:f - offset + n]))
                     return b""
 
                 await self._mapped("write", offset, len(data), seg, allocate=True)

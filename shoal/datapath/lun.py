@@ -121,8 +121,8 @@ class StoragePath:
     async def _do(self, what: str, control: bool, fn: object) -> object:
         client = self._pick(control)
         try:
-            async with asyncio.timeout(self.io_timeout_s):
-                return await fn(client)  # type: ignore[operator]
+            # the client's own request timeout is the I/O timeout (it aborts the connection)
+            return await fn(client)  # type: ignore[operator]
         except (NBDError, OSError, TimeoutError) as err:
             detail = str(err) or f"no answer within the I/O timeout ({self.io_timeout_s:g} s)"
             reason = f"{what} failed: {detail}"

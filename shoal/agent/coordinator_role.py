@@ -37,7 +37,7 @@ from shoal.datapath.lun import make_key
 from shoal.datapath.states import Reason
 from shoal.membership import NodeState
 from shoal.nbd.client import preempt
-from shoal.nbd.errors import NBDError
+from shoal.nbd.errors import FencingUnsupported, NBDError
 from shoal.netft.errors import NetftError
 from shoal.volume.errors import DeviceError, VolumeError
 from shoal.volume.lease import FREE, CoordinatorLease, LeaseArea, SlotWatcher
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.agent.coordinator")
 
 FREEING_OPS = {"remove", "resize", "trim", "zero"}
+
+
+class PreemptFailed(Exception):
+    """The storage target could not be told to preempt a node (it may still write)."""
 
 
 def _not_coordinator(why: str) -> dict[str, Any]:
@@ -86,7 +90,20 @@ class CoordinatorRole:
 
     # ---- becoming coordinator ----------------------------------------------------------
 
-    async def become(self, previous: CoordinatorLease | None, *, preempt_below: int | None = None,
+    async def become(self, previous: CoordinatorLease | None, **kw: Any) -> None:
+        """Take up the role (see the module doc); on any failure, resign and leave it."""
+        try:
+            await self._become(previous, **kw)
+        except BaseException as err:
+            if not self.serving:
+                log.error("%s: could not become coordinator: %s", self.rt.name, err)
+                assert self.rt.election is not None
+                self.rt.election.resign(f"could not take up the role: {err}")
+                self.rt.role = None
+            if not isinstance(err, Exception):
+                raise
+
+    async def _become(self, previous: CoordinatorLease | None, *, preempt_below: int | None = None,
                      planned: bool = False, holders: dict[str, dict[str, int]] | None = None,
                      fenced: dict[str, int] | None = None, maintenance: bool = False,
                      clean_seq: int | None = None) -> None:
@@ -147,7 +164,10 @@ class CoordinatorRole:
             except (NetftError, TimeoutError) as err:
                 if keep_maps:
                     return  # its maps are in the holders table: revocation reaches or fences it
-                await self.fence(peer, None, f"it did not acknowledge the new coordinator: {err or 'timeout'}")
+                # nothing may be freed while it may still hold an old map: fence it, or retry
+                while self.serving and not await self.fence(
+                        peer, None, f"it did not acknowledge the new coordinator: {err or 'timeout'}"):
+                    await asyncio.sleep(self.rt.io_timeout_s)
 
         await asyncio.gather(*(one(p.name) for p in rt.agent.peers))
         self.synced.set()
@@ -161,7 +181,11 @@ class CoordinatorRole:
     # ---- fencing ---------------------------------------------------------------------------
 
     async def preempt(self, node: str, below: int) -> None:
-        """Make every registration of ``node`` with a key below ``below`` unable to write."""
+        """Make every registration of ``node`` with a key below ``below`` unable to write.
+
+        Raises PreemptFailed when the target could not be told (a timeout, a lost
+        connection): the caller must not act as if the node were fenced. Only a target
+        that does not know the option at all (qemu-nbd) lets us go on, said once."""
         lock = self._preempt_locks.setdefault(node, asyncio.Lock())
         async with lock:
             if below <= self.preempted.get(node, 0):
@@ -171,32 +195,42 @@ class CoordinatorRole:
                 async with asyncio.timeout(4 * self.rt.io_timeout_s):
                     await preempt((addr.host, addr.port), node, below)
                 self.fencing_supported = True
-            except (NBDError, OSError, TimeoutError) as err:
+            except FencingUnsupported as err:
                 if self.fencing_supported is not False:
                     log.error("%s: cannot preempt %s at the storage target %s: %s. Without storage fencing "
                               "a write still travelling on its old path could land late.", self.rt.name,
                               node, addr, err)
                 self.fencing_supported = False
                 return
+            except (NBDError, OSError, TimeoutError) as err:
+                raise PreemptFailed(f"could not preempt {node} at {addr}: {err or 'timed out'}") from err
             self.preempted[node] = below
             log.warning("%s: preempted %s's registrations below key %#x at %s", self.rt.name, node, below, addr)
 
-    async def fence(self, node: str, generation: int | None, why: str) -> None:
+    async def fence(self, node: str, generation: int | None, why: str) -> bool:
+        """Fence ``node``; True once it is (or already was) fenced, False if it could not be."""
+        if node == self.me:
+            return False
         if generation is None:
             assert self.rt.direct_dev is not None and self.rt.sb is not None
             area = LeaseArea(self.rt.direct_dev, self.rt.sb)
             try:
                 generation = (await self.rt.run_blocking(lambda: area.read_slot(self.rt.node_id_of(node)))).generation
             except DeviceError:
-                return
+                return False
         if generation <= self.fenced_gen.get(node, -1):
-            return
-        await self.preempt(node, make_key(generation + 1, 0))
+            return True
+        try:
+            await self.preempt(node, make_key(generation + 1, 0))
+        except PreemptFailed as err:
+            log.warning("%s: fencing %s failed: %s", self.rt.name, node, err)
+            return False
         self.fenced_gen[node] = generation
         if self.service is not None:
             self.service.forget_node(node)
         log.warning("%s: fenced %s (generation %d): %s", self.rt.name, node, generation, why)
         self.rt.agent.event("fence", volume=self.rt.name, node=node, generation=generation, why=why)
+        return True
 
     def _unresponsive(self, node: str) -> None:
         self.rt._spawn(self.fence(node, None, "it did not give up a map in time"))
@@ -216,12 +250,14 @@ class CoordinatorRole:
         rt = self.rt
         assert rt.election is not None
         if not rt.path.up:
+            rt._start_probe()
             await self.hand_over_for_path_loss()
             return
         try:
             await rt.run_blocking(rt.election.guard)
         except DeviceError:
-            if not rt.path.up:  # the path failed under the guard's read: hand over
+            if not rt.path.up:  # the path failed under the guard's read: probe it, hand over
+                rt._start_probe()
                 await self.hand_over_for_path_loss()
             return
         except (LeaseLost, NotCoordinator) as err:
@@ -409,7 +445,10 @@ class CoordinatorRole:
         failed_key = int(args.get("key", 0))
         if peer != self.me and failed_key:
             # whatever the node sent on its failed path must not land after this request
-            await self.preempt(peer, failed_key + 1)
+            try:
+                await self.preempt(peer, failed_key + 1)
+            except PreemptFailed as err:
+                return _not_coordinator(f"{err}; retry"), b""
         try:
             data = b""
             if kind == "read":
@@ -449,6 +488,8 @@ class CoordinatorRole:
         try:
             data = await self.rt.run_blocking(work)
         except VolumeError as err:
+            if isinstance(err, DeviceError) or vol.failure is not None:
+                return _not_coordinator(f"the coordinator could not perform the request ({err}); retry"), b""
             return {"error": "io-error", "message": str(err)}, b""
         self.rt.counters.served_requests += 1
         self.rt.counters.served_bytes += length

@@ -179,8 +179,9 @@ async def set_maintenance(rt: VolumeRuntime, on: bool) -> dict[str, Any]:
                                      timeout_s=max(30.0, 16 * rt.io_timeout_s))
         except NetftError as err:
             missed.append(p.name)
-            if on:
-                await role.fence(p.name, None, f"it did not acknowledge maintenance mode: {err}")
+            if on and not await role.fence(p.name, None, f"it did not acknowledge maintenance mode: {err}"):
+                raise AgentError(f"{p.name} neither acknowledged maintenance mode nor could be fenced; "
+                                 "maintenance is set but not safe for repair yet, retry") from err
     return {"volume": rt.name, "maintenance": on, "coordinator": rt.node, "unreached": missed}
 
 

@@ -382,6 +382,8 @@ class VolumeRuntime:
         while True:
             if self.fenced:
                 raise Fenced(f"node {self.node} was fenced on volume {self.name}; it is rejoining")
+            if self.is_coordinator():
+                return self.node
             if self.coordinator is not None and (self.coordinator != self.node or self.is_coordinator()):
                 return self.coordinator
             if self.coordinator is None or not self.path.up:
@@ -441,12 +443,24 @@ class VolumeRuntime:
             async with asyncio.timeout(self.io_timeout_s):
                 res, _, _ = await self.agent.call_peer(node, "csv.whois", {"volume": self.name})
             serving = isinstance(res, dict) and bool(res.get("serving"))
+            if serving and bool(res.get("maintenance")) != self.maintenance:
+                await self._learn_maintenance(bool(res.get("maintenance")))
         except (NetftError, TimeoutError):
             serving = False
         if serving != self.coordinator_reachable:
             self.coordinator_reachable = serving
             self.refresh_state(f"coordinator {node} {'answers' if serving else 'does not serve the volume'}")
         return serving
+
+    async def _learn_maintenance(self, on: bool) -> None:
+        """Maintenance mode changed while we did not hear it (restarted, rejoined)."""
+        self.maintenance = on
+        if on:
+            self.reasons.add(Reason.MAINTENANCE)
+        else:
+            self.reasons.discard(Reason.MAINTENANCE)
+        await self.drop_maps()
+        self.refresh_state("maintenance mode " + ("on" if on else "off") + " (learned from the coordinator)")
 
     async def drop_maps(self) -> None:
         """Drop every cached map, waiting for the I/O using it (coordinator change)."""
@@ -475,7 +489,7 @@ class VolumeRuntime:
                 await self._fenced(str(result.get("message")))
                 raise Fenced(str(result.get("message")))
             if isinstance(result, dict) and result.get("error") == "not-coordinator":
-                if self.coordinator == coord:
+                if self.coordinator == coord and coord != self.node:
                     self.coordinator = None
                     self.refresh_state(f"{coord} is no longer coordinator")
                 await asyncio.sleep(self.io_timeout_s / 10)

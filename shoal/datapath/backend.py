@@ -72,6 +72,23 @@ def _error(what: str, err: Exception) -> BackendError:
     return BackendError(f"{what} failed: {err}", code)
 
 
+async def _all_done(tasks: list[asyncio.Future[bytes]]) -> None:
+    """Wait until every task ended, even if we are cancelled meanwhile (then re-raise):
+    a segment write already sent must not outlive the map hold that covers it."""
+    cancelled = False
+    pending = set(tasks)
+    while pending:
+        try:
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved here; result() below raises it
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class FileBackend(AsyncBackend):
     can_multi_conn = True
 
@@ -86,24 +103,33 @@ class FileBackend(AsyncBackend):
         m = self.access.maps.cached(self.ino)
         return self._size if m is None else m.size
 
-    async def _mapped(self, what: str, offset: int, length: int, fn: object, *, allocate: bool) -> list[bytes]:
-        """Run ``fn(lun_offset, file_offset, length)`` for each segment under a held map."""
+    async def _mapped(self, what: str, offset: int, length: int, fn: object, *, allocate: bool) -> list[bytes] | None:
+        """Run ``fn(lun_offset, file_offset, length)`` for each segment under a held map.
+
+        Returns None when the volume went file-level (maintenance) meanwhile: the caller
+        then sends the request to the coordinator instead. Leaves the hold only once every
+        segment's I/O has ended, even when cancelled (a write already sent must not be
+        in flight once the map is given up)."""
         maps = self.access.maps
         for attempt in range(MAP_RETRIES):
             if attempt:
                 # revoked under us (a free, a coordinator change, maintenance): the drop
                 # completes once the I/O using the old map has drained
                 await asyncio.sleep(min(0.005 * attempt, 0.25))
-            if allocate:
-                await maps.ensure_allocated(self.ino, offset, length)
-            else:
-                await maps.resolve(self.ino, offset, length)
             try:
+                if allocate:
+                    await maps.ensure_allocated(self.ino, offset, length)
+                else:
+                    await maps.resolve(self.ino, offset, length)
                 with maps.using(self.ino) as m:
+                    if self.access.file_level():
+                        return None
                     segs = m.segments(offset, length)
                     if allocate and any(lun is None for _, lun, _ in segs):
                         continue  # trimmed meanwhile: allocate again
-                    return list(await asyncio.gather(*(fn(lun, f, n) for f, lun, n in segs)))  # type: ignore[operator]
+                    tasks = [asyncio.ensure_future(fn(lun, f, n)) for f, lun, n in segs]  # type: ignore[operator]
+                    await _all_done(tasks)
+                    return [t.result() for t in tasks]
             except MapUnavailable:
                 continue
         raise BackendError(f"{what}: the map of file {self.ino} kept changing; retry", errno.EAGAIN)
@@ -119,6 +145,8 @@ class FileBackend(AsyncBackend):
                 return bytes(n) if lun is None else await router.read(lun, n)
 
             parts = await self._mapped("read", offset, length, seg, allocate=False)
+            if parts is None:
+                return await self.access.file_io("read", self.ino, offset, length)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         except (DataPathError, MetadataError) as err:
             raise _error("read", err) from err
@@ -139,7 +167,8 @@ class FileBackend(AsyncBackend):
                     await router.write(lun, data if whole else bytes(view[f - offset:f - offset + n]))
                     return b""
 
-                await self._mapped("write", offset, len(data), seg, allocate=True)
+                if await self._mapped("write", offset, len(data), seg, allocate=True) is None:
+                    await self.access.file_io("write", self.ino, offset, len(data), data)
             if fua:
                 await self.flush()
         except (DataPathError, MetadataError) as err:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shoal.agent.volumes import LONG_LANE, REVOKE_LANE
 from shoal.coordinator.errors import LeaseLost, NotCoordinator
 from shoal.coordinator.metadata import MetadataService, MetadataSettings
 from shoal.datapath.errors import PathFailed
 from shoal.datapath.lun import make_key
-from shoal.datapath.states import Reason
 from shoal.membership import NodeState
 from shoal.nbd.client import preempt
 from shoal.nbd.errors import FencingUnsupported, NBDError
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.agent.coordinator")
 
+T = TypeVar("T")
 FREEING_OPS = {"remove", "resize", "trim", "zero"}
 
 
@@ -115,11 +116,10 @@ class CoordinatorRole:
             if preempt_below is None:
                 preempt_below = rt.path.key if prev == self.me else await self._next_generation_key(prev)
             await self.preempt(prev, preempt_below)
-        assert rt.direct_dev is not None and rt.election is not None
+        assert rt.election is not None
         election = rt.election
         try:
-            self.vol = await rt.run_blocking(lambda: Volume.open_device(
-                rt.direct_dev, offline=False, epoch=election.epoch, guard=election.guard, clean_seq=clean_seq))
+            await self._open_volume(clean_seq)
         except Exception as err:
             log.error("%s: could not open the volume as coordinator: %s", rt.name, err)
             election.resign(f"could not open the volume: {err}")
@@ -131,9 +131,7 @@ class CoordinatorRole:
         if rt.renewer is not None:
             rt.renewer.lapsed = False  # we hold the lease: nobody fenced us
         self.became_at = time.monotonic()
-        rt.maintenance = maintenance
-        if maintenance:
-            rt.reasons.add(Reason.MAINTENANCE)
+        rt.set_maintenance_flag(maintenance)
         rt.set_coordinator(self.me, self.epoch, f"this node is coordinator (epoch {self.epoch})")
         if not planned:
             await rt.drop_maps()
@@ -175,7 +173,7 @@ class CoordinatorRole:
     async def _next_generation_key(self, node: str) -> int:
         assert self.rt.direct_dev is not None and self.rt.sb is not None
         area = LeaseArea(self.rt.direct_dev, self.rt.sb)
-        slot = await self.rt.run_blocking(lambda: area.read_slot(self.rt.node_id_of(node)))
+        slot = await self.rt.run_lease(lambda: area.read_slot(self.rt.node_id_of(node)))
         return make_key(slot.generation + 1, 0)
 
     # ---- fencing ---------------------------------------------------------------------------
@@ -215,7 +213,7 @@ class CoordinatorRole:
             assert self.rt.direct_dev is not None and self.rt.sb is not None
             area = LeaseArea(self.rt.direct_dev, self.rt.sb)
             try:
-                generation = (await self.rt.run_blocking(lambda: area.read_slot(self.rt.node_id_of(node)))).generation
+                generation = (await self.rt.run_lease(lambda: area.read_slot(self.rt.node_id_of(node)))).generation
             except DeviceError:
                 return False
         if generation <= self.fenced_gen.get(node, -1):
@@ -254,7 +252,7 @@ class CoordinatorRole:
             await self.hand_over_for_path_loss()
             return
         try:
-            await rt.run_blocking(rt.election.guard)
+            await rt.run_lease(rt.election.guard)
         except DeviceError:
             if not rt.path.up:  # the path failed under the guard's read: probe it, hand over
                 rt._start_probe()
@@ -278,23 +276,45 @@ class CoordinatorRole:
 
     async def _reopen(self, why: str) -> None:
         """Replay the journal into a fresh volume: memory was ahead of the disk."""
+        log.warning("%s: %s reopens the volume: %s", self.rt.name, self.me, why)
+        await self.reopen(checkpoint=False)
+
+    async def reopen(self, *, checkpoint: bool, between: Callable[[], T] | None = None) -> T | None:
+        """Stop serving, close the volume, run ``between`` (blocking, e.g. fsck) on the
+        closed volume, open it again with the map holders kept, serve again. If the
+        volume does not open again the role is given up."""
         rt = self.rt
-        assert rt.election is not None and self.service is not None
-        log.warning("%s: %s reopens the volume: %s", rt.name, self.me, why)
         await self._quiesce()
-        holders = {str(i): dict(h) for i, h in self.service.holders.items()}
+        holders = self._holders()
         self.vol_ready.clear()
-        await rt.run_blocking(lambda: self._close_volume(checkpoint=False))
-        election = rt.election
+        await rt.run_blocking(lambda: self._close_volume(checkpoint=checkpoint))
+        result = None
         try:
-            self.vol = await rt.run_blocking(lambda: Volume.open_device(
-                rt.direct_dev, offline=False, epoch=election.epoch, guard=election.guard))  # type: ignore[arg-type]
-        except Exception as err:  # noqa: BLE001 - cannot serve: give the role up
-            await self.step_down(f"could not reopen the volume: {err}", release=False)
-            return
-        self._new_service(holders)
-        self.accepting = True
-        self.vol_ready.set()
+            if between is not None:
+                result = await rt.run_blocking(between)
+        finally:
+            try:
+                await self._open_volume()
+            except Exception as err:  # noqa: BLE001 - cannot serve: give the role up
+                await self.step_down(f"could not reopen the volume: {err}", release=False)
+            else:
+                self._new_service(holders)
+                self.accepting = True
+                self.vol_ready.set()
+        return result
+
+    async def _open_volume(self, clean_seq: int | None = None) -> None:
+        """Open (replay) the volume on our own path as the lease's epoch, writes guarded."""
+        rt = self.rt
+        election, dev = rt.election, rt.direct_dev
+        assert election is not None and dev is not None
+        self.vol = await rt.run_blocking(lambda: Volume.open_device(
+            dev, offline=False, epoch=election.epoch, guard=election.guard, clean_seq=clean_seq))
+
+    def _holders(self) -> dict[str, dict[str, int]]:
+        """Who holds which file's map, as it travels (hand-over) or survives a reopen."""
+        assert self.service is not None
+        return {str(ino): dict(held) for ino, held in self.service.holders.items()}
 
     async def _watch_slots(self) -> None:
         rt = self.rt
@@ -304,7 +324,7 @@ class CoordinatorRole:
         watcher = self._watcher
         peers = [(p.name, p.id) for p in rt.agent.peers]
         try:
-            judged = await rt.run_blocking(lambda: [(n, *watcher.judge(i)) for n, i in peers])
+            judged = await rt.run_lease(lambda: [(n, *watcher.judge(i)) for n, i in peers])
         except DeviceError:
             self._watcher = None  # our reads fail: judge nobody by time we could not see
             return
@@ -361,7 +381,7 @@ class CoordinatorRole:
         assert rt.election is not None and self.service is not None
         t0 = time.monotonic()
         await self._quiesce()
-        holders = {str(ino): dict(h) for ino, h in self.service.holders.items()}
+        holders = self._holders()
         lease = rt.election.lease
         assert lease is not None
         vol = self.vol

@@ -28,7 +28,6 @@ from shoal.netft.errors import NetftError
 from shoal.volume.defrag import defrag
 from shoal.volume.fsck import fsck_online
 from shoal.volume.lease import LeaseArea
-from shoal.volume.volume import Volume
 
 if TYPE_CHECKING:
     from shoal.agent.agent import NodeAgent
@@ -100,25 +99,15 @@ async def _coordinator(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> di
     node, epoch = str(args["node"]), int(args["epoch"])
     if epoch < rt.epoch:
         return {"error": "stale", "message": f"epoch {epoch} is older than {rt.epoch}"}
-    _set_maintenance_flag(rt, bool(args.get("maintenance")))
+    rt.set_maintenance_flag(bool(args.get("maintenance")))
     rt.set_coordinator(node, epoch, f"{node} announced itself coordinator (epoch {epoch})")
     if not args.get("keep_maps"):
         await rt.drop_maps()
     return {"node": rt.node, "generation": rt.generation}
 
 
-def _set_maintenance_flag(rt: VolumeRuntime, on: bool) -> None:
-    rt.maintenance = on
-    if on:
-        rt.reasons.add(Reason.MAINTENANCE)
-    else:
-        rt.reasons.discard(Reason.MAINTENANCE)
-
-
 async def _maintenance(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str, Any]:
-    _set_maintenance_flag(rt, bool(args["on"]))
-    await rt.drop_maps()  # on: the coordinator may move extents; off: maps seen meanwhile are stale
-    rt.refresh_state("maintenance mode " + ("on" if rt.maintenance else "off"))
+    await rt.enter_maintenance(bool(args["on"]), "")
     return {"node": rt.node}
 
 
@@ -134,14 +123,14 @@ async def _take_role(rt: VolumeRuntime, args: dict[str, Any]) -> dict[str, Any]:
     if not (rt.path.up and rt._direct_allowed()):
         return {"ok": False, "message": f"{rt.node} has no working storage path to {rt.name}"}
     area = LeaseArea(rt.direct_dev, rt.sb)
-    lease = await rt.run_blocking(area.read_lease)
+    lease = await rt.run_lease(area.read_lease)
     if lease.owner != rt.node_id_of(str(args["from"])) or lease.epoch != int(args["epoch"]):
         return {"ok": False, "message": f"the lease names {lease.owner_name()} epoch {lease.epoch}, not "
                 f"{args['from']} epoch {args['epoch']}"}
     planned = bool(args.get("planned"))
     election = rt.election
     t0 = time.monotonic()
-    if not await rt.run_blocking(lambda: election.take_over(lease, wait=not planned)):
+    if not await rt.run_lease(lambda: election.take_over(lease, wait=not planned)):
         return {"ok": False, "message": "the lease changed during the hand-over"}
     role = rt.role = CoordinatorRole(rt)
     below = args.get("preempt_below")
@@ -169,9 +158,7 @@ async def _move(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str,
 
 async def set_maintenance(rt: VolumeRuntime, on: bool) -> dict[str, Any]:
     role = _role(rt)
-    _set_maintenance_flag(rt, on)
-    await rt.drop_maps()
-    rt.refresh_state("maintenance mode " + ("on" if on else "off"))
+    await rt.enter_maintenance(on, "")
     missed = []
     for p in rt.agent.peers:
         try:
@@ -217,20 +204,10 @@ async def _repair(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[st
 
 async def _fsck_online(rt: VolumeRuntime, role: CoordinatorRole) -> dict[str, Any]:
     """Close the volume, check and repair it on our path, open it again (holders kept)."""
-    assert role.service is not None and rt.election is not None and rt.direct_dev is not None
-    await role._quiesce()
-    holders = {str(i): dict(h) for i, h in role.service.holders.items()}
-    role.vol_ready.clear()
-    await rt.run_blocking(lambda: role._close_volume(checkpoint=True))
     election, dev = rt.election, rt.direct_dev
-    try:
-        report = await rt.run_blocking(lambda: fsck_online(dev, repair=True, epoch=election.epoch))
-    finally:
-        role.vol = await rt.run_blocking(lambda: Volume.open_device(
-            dev, offline=False, epoch=election.epoch, guard=election.guard))
-        role._new_service(holders)
-        role.accepting = True
-        role.vol_ready.set()
+    assert election is not None and dev is not None
+    report = await role.reopen(checkpoint=True, between=lambda: fsck_online(dev, repair=True, epoch=election.epoch))
+    assert report is not None
     return dict(report.to_json())
 
 

@@ -164,6 +164,7 @@ class VolumeRuntime:
         self.maps = MapCache(self._meta_call)
         self.exports = FileExports(self)
         self.executor = ThreadPoolExecutor(6, thread_name_prefix=f"vol-{self.name}")
+        self.lease_executor = ThreadPoolExecutor(2, thread_name_prefix=f"lease-{self.name}")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sb: Superblock | None = None
         self.routed: LunDevice | None = None
@@ -187,6 +188,13 @@ class VolumeRuntime:
     async def run_blocking(self, fn: Any) -> Any:
         assert self.loop is not None
         return await self.loop.run_in_executor(self.executor, fn)
+
+    async def run_lease(self, fn: Any) -> Any:
+        """Lease and liveness work (lease reads, slot judging, contending, the guard) on
+        threads of its own, so volume work (a defrag, a burst of file requests) can
+        never delay it."""
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self.lease_executor, fn)
 
     @property
     def generation(self) -> int:
@@ -299,7 +307,7 @@ class VolumeRuntime:
         # preempted, so the target refuses them), else through the coordinator; bounded
         # by 2T so a renewal never hangs the renewer
         lease_router = BlockRouter(self.path, redirect=self._redirect, direct_allowed=lambda: True,
-                                   on_path_failed=self._path_failed, counters=Counters())
+                                   on_path_failed=self._path_failed, counters=Counters(), control=True)
         self.lease_dev = lease_dev = LunDevice(lease_router, self.loop, size=sb.volume_size, name=f"{self.name} (lease)",
                               timeout_s=2 * self.io_timeout_s)
         self.direct_dev = LunDevice(DirectIO(self.path), self.loop, size=sb.volume_size, name=str(self.address),
@@ -326,6 +334,7 @@ class VolumeRuntime:
                                        4 * self.io_timeout_s)
         await self.path.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.lease_executor.shutdown(wait=False, cancel_futures=True)
 
     def _on_role_change(self, old: Role, new: Role, why: str) -> None:
         if self.loop is not None:
@@ -425,7 +434,7 @@ class VolumeRuntime:
         peers = [(p.name, p.id) for p in self.agent.peers]
         fresh_s = 3 * self.io_timeout_s
         try:
-            judged = await self.run_blocking(
+            judged = await self.run_lease(
                 lambda: [(n, watcher.poll(i) and watcher.advancing(i, fresh_s)) for n, i in peers])
         except DeviceError:
             self._watcher = None  # judge nobody by time we could not see
@@ -444,7 +453,7 @@ class VolumeRuntime:
                 res, _, _ = await self.agent.call_peer(node, "csv.whois", {"volume": self.name})
             serving = isinstance(res, dict) and bool(res.get("serving"))
             if serving and bool(res.get("maintenance")) != self.maintenance:
-                await self._learn_maintenance(bool(res.get("maintenance")))
+                await self.enter_maintenance(bool(res.get("maintenance")), " (learned from the coordinator)")
         except (NetftError, TimeoutError):
             serving = False
         if serving != self.coordinator_reachable:
@@ -452,15 +461,19 @@ class VolumeRuntime:
             self.refresh_state(f"coordinator {node} {'answers' if serving else 'does not serve the volume'}")
         return serving
 
-    async def _learn_maintenance(self, on: bool) -> None:
-        """Maintenance mode changed while we did not hear it (restarted, rejoined)."""
+    def set_maintenance_flag(self, on: bool) -> None:
         self.maintenance = on
         if on:
             self.reasons.add(Reason.MAINTENANCE)
         else:
             self.reasons.discard(Reason.MAINTENANCE)
+
+    async def enter_maintenance(self, on: bool, why: str) -> None:
+        """Maintenance mode on or off here: drop every map either way (on: the
+        coordinator may move extents; off: maps seen meanwhile may be stale)."""
+        self.set_maintenance_flag(on)
         await self.drop_maps()
-        self.refresh_state("maintenance mode " + ("on" if on else "off") + " (learned from the coordinator)")
+        self.refresh_state(f"maintenance mode {'on' if on else 'off'}{why}")
 
     async def drop_maps(self) -> None:
         """Drop every cached map, waiting for the I/O using it (coordinator change)."""
@@ -611,7 +624,7 @@ class VolumeRuntime:
         assert self.election is not None and self.lease_dev is not None and self.sb is not None
         area = LeaseArea(self.lease_dev, self.sb)
         try:
-            lease = await self.run_blocking(area.read_lease)
+            lease = await self.run_lease(area.read_lease)
         except DeviceError:
             return
         await self._judge_unreachable_peers(area)
@@ -631,7 +644,7 @@ class VolumeRuntime:
             if election.role is Role.COORDINATOR or self.role is not None:
                 return
             try:
-                won = await self.run_blocking(lambda: election.acquire(deadline_s=self.io_timeout_s))
+                won = await self.run_lease(lambda: election.acquire(deadline_s=self.io_timeout_s))
             except DeviceError as err:
                 log.info("%s on %s: contending failed: %s", self.name, self.node, err)
                 return

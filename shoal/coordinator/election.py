@@ -128,9 +128,7 @@ class Election:
         if not self.renewer.valid():
             self._set_state(Role.FOLLOWER, "our own liveness slot is not being renewed")
             return False
-        mine = CoordinatorLease(self.renewer.node_id, int(self.timing.io_timeout_s * 1000),
-                                current.epoch + 1, self.renewer.slot.generation, self.cluster,
-                                self.renewer.slot.host)
+        mine = self._claim(current.epoch + 1)
         self.area.write_lease(mine)
         self.sleep(self.timing.renew_interval_s)
         if self.area.read_lease() != mine:
@@ -142,6 +140,11 @@ class Election:
         self.lease = mine
         self._set_state(Role.COORDINATOR, f"acquired the coordinator lease, epoch {mine.epoch}")
         return True
+
+    def _claim(self, epoch: int) -> CoordinatorLease:
+        """The lease record naming us as owner at ``epoch``."""
+        return CoordinatorLease(self.renewer.node_id, int(self.timing.io_timeout_s * 1000), epoch,
+                                self.renewer.slot.generation, self.cluster, self.renewer.slot.host)
 
     def guard(self) -> None:
         """Called before every metadata write: raise unless we still may write.
@@ -172,9 +175,7 @@ class Election:
             if self.area.read_lease() != expected or not self.renewer.valid():
                 self._set_state(Role.FOLLOWER, "the lease changed before the hand-over")
                 return False
-            mine = CoordinatorLease(self.renewer.node_id, int(self.timing.io_timeout_s * 1000),
-                                    expected.epoch + 1, self.renewer.slot.generation, self.cluster,
-                                    self.renewer.slot.host)
+            mine = self._claim(expected.epoch + 1)
             self.area.write_lease(mine)
             if wait:
                 self.sleep(self.timing.renew_interval_s)

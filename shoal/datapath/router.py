@@ -31,8 +31,11 @@ Redirect = Callable[[str, int, int, bytes], Awaitable[bytes]]
 
 class BlockRouter:
     def __init__(self, path: StoragePath, *, redirect: Redirect, direct_allowed: Callable[[], bool],
-                 on_path_failed: Callable[[str], None], counters: Counters):
+                 on_path_failed: Callable[[str], None], counters: Counters, control: bool = False):
+        """``control``: use the path's control connection, not the data connections (the
+        liveness slot's writes must never queue behind bulk data)."""
         self.path = path
+        self.control = control
         self._redirect = redirect
         self._direct_allowed = direct_allowed
         self._on_path_failed = on_path_failed
@@ -44,17 +47,16 @@ class BlockRouter:
     async def _route(self, kind: str, offset: int, length: int, payload: bytes = b"") -> bytes:
         if self.direct():
             try:
+                c = self.control
+                data = b""
                 if kind == "read":
-                    data = await self.path.read(offset, length)
+                    data = await self.path.read(offset, length, control=c)
                 elif kind == "write":
-                    await self.path.write(offset, payload)
-                    data = b""
+                    await self.path.write(offset, payload, control=c)
                 elif kind == "zero":
-                    await self.path.write_zeroes(offset, length)
-                    data = b""
+                    await self.path.write_zeroes(offset, length, control=c)
                 else:
-                    await self.path.flush()
-                    data = b""
+                    await self.path.flush(control=c)
                 self.counters.direct_requests += 1
                 self.counters.direct_bytes += length
                 return data

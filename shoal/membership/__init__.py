@@ -7,8 +7,8 @@ States (stable names, they appear in JSON and the API):
                 its disk liveness slot stopped advancing);
 * ``isolated``  no heartbeat on any network but its disk liveness slot still
                 advances: alive, cut off; its VMs must not be restarted elsewhere.
-                Decided by the disk liveness code of the next capability, through
-                ``Membership.update(..., disk_alive=True)``.
+                Decided by the shared-volume code (every node watches every peer's
+                slot), through ``Membership.update(..., disk_alive=True)``.
 
 All changes go through ``Membership._set_state`` which checks the transition
 table, logs from→to and calls the listeners.

@@ -1,12 +1,16 @@
-"""``shoal nbd serve``: export the files of a volume (or one raw image) over NBD.
+"""``shoal nbd serve``: export the files of a volume (or one raw image) over NBD;
+``shoal nbd path``: the URI of a shared-volume file on this node's agent.
 
     shoal nbd serve --volume IMG --socket SOCK [--listen HOST:PORT] [--read-only]
     shoal nbd serve --file RAW [--name NAME] --socket SOCK [--listen HOST:PORT]
+    shoal nbd path VOLUME:/path
 
 With ``--volume`` every regular file is an export named by its path
 (``nbd+unix:///vm/disk0.raw?socket=SOCK``). ``--file`` serves a raw image or
 block device as one export (default name: empty, the NBD default export).
 The unix socket is created mode 0600. SIGINT/SIGTERM stop the server cleanly.
+``--file`` also answers shoal's fencing options (register/preempt, docs/NBD.md), so it
+can be a cluster's storage target.
 """
 
 from __future__ import annotations

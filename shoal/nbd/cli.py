@@ -28,7 +28,8 @@ from shoal.nbd.server import NBDServer
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    nbd = subparsers.add_parser("nbd", help="serve volume files over NBD", description=__doc__)
+    nbd = subparsers.add_parser("nbd", help="serve volume files over NBD; the URI of a file on this node",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = nbd.add_subparsers(dest="nbd_command", metavar="ACTION")
     sub.required = True
     serve = sub.add_parser("serve", help="export a volume's files (or one raw image) over NBD")

@@ -35,8 +35,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from shoal.agent import volume_ops
+from shoal.agent import vm_ops, volume_ops
 from shoal.agent.errors import AgentAlreadyRunning, AgentError
+from shoal.agent.vms import VMManager
 from shoal.agent.volumes import VolumeRuntime
 from shoal.config.model import ClusterConfig, Network, Role, load_config, write_config
 from shoal.membership import Membership, NodeState
@@ -122,6 +123,7 @@ class NodeAgent:
         self.auth_logged: dict[str, float] = {}
         self.auth_failures: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.vms = VMManager(self)
 
     # -- helpers --------------------------------------------------------------
 
@@ -172,6 +174,7 @@ class NodeAgent:
         for vcfg in self.cfg.volumes:
             rt = self.volumes[vcfg.name] = VolumeRuntime(self, vcfg)
             self._spawn(self._start_volume(rt))
+        self._spawn(self.vms.run())
         assert self.hb is not None
         hb_wait = asyncio.ensure_future(self.hb.wait())
         stop_wait = asyncio.ensure_future(self.stopping.wait())
@@ -185,6 +188,7 @@ class NodeAgent:
             log.warning("node %s: agent stopping", self.name)
         finally:
             stop_wait.cancel()
+            await self.vms.stop()
             for rt in self.volumes.values():
                 try:
                     await asyncio.wait_for(rt.stop(), 10)
@@ -441,6 +445,8 @@ class NodeAgent:
             return {"node": self.name}, payload
         if op.startswith("csv."):
             return await volume_ops.peer_request(self, peer, op, args, payload)
+        if op.startswith("vm."):
+            return await vm_ops.peer_request(self, peer, op, args), b""
         raise RemoteError(f"unknown request {op!r}")
 
     async def _apply_networks(self, msg: dict[str, Any], source: str) -> None:
@@ -508,6 +514,7 @@ class NodeAgent:
                 "state": self.membership.state(n.name).value,
                 "since_s": round(now - self.membership.since[n.name], 3),
                 "links": links,
+                "paused": n.name in self.vms.paused_nodes,
             }
         return {
             "node": self.name,
@@ -631,3 +638,39 @@ class NodeAgent:
         lat.sort()
         return {"count": count, "coordinator": rt.coordinator, "p50_ms": round(lat[len(lat) // 2], 3),
                 "p90_ms": round(lat[int(len(lat) * 0.9)], 3), "max_ms": round(lat[-1], 3)}
+
+    # -- VMs (control socket) ------------------------------------------------------
+
+    async def control_vm_create(self, spec: dict[str, Any], start: bool = False) -> Any:
+        return await vm_ops.create(self, spec, start)
+
+    async def control_vm_ls(self) -> Any:
+        return await vm_ops.list_vms(self)
+
+    async def control_vm_start(self, name: str, on: str | None = None) -> Any:
+        return await vm_ops.start_vm(self, name, on)
+
+    async def control_vm_stop(self, name: str, force: bool = False) -> Any:
+        return await vm_ops.stop_vm(self, name, force)
+
+    async def control_vm_delete(self, name: str) -> Any:
+        return await vm_ops.delete_vm(self, name)
+
+    async def control_vm_console(self, name: str, offset: int = -1) -> Any:
+        return await vm_ops.forward_vm(self, name, "vm.console", {"offset": offset})
+
+    async def control_vm_verify(self, name: str) -> Any:
+        return await vm_ops.forward_vm(self, name, "vm.verify", {})
+
+    async def control_vm_migrate(self, name: str, to: str, quick: bool = False, network: str | None = None,
+                                 bandwidth: int | None = None) -> Any:
+        self.cfg.node(to)
+        return await vm_ops.forward_vm(self, name, "vm.migrate",
+                                       {"to": to, "quick": quick, "network": network, "bandwidth": bandwidth})
+
+    async def control_node_drain(self, node: str) -> Any:
+        return await vm_ops.drain_node(self, node)
+
+    async def control_node_resume(self, node: str) -> Any:
+        self.cfg.node(node)
+        return {"node": node, "paused_nodes": await self.vms.set_paused(node, False)}

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=cmd_ls)
 
+    from shoal.vm.cli import register_node
+
+    register_node(nsub)
+
 
 def run_agent(config: str, node: str) -> int:
     from shoal.agent.agent import NodeAgent
@@ -63,7 +67,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             else:
                 link = info["links"].get(n, {"state": "-", "last_seen_s": None})
                 cells.append(f"{link['state']} {_age(link['last_seen_s'])}")
-        print(f"{name:<12} {info['state']:<9}" + "".join(f" {c:<20}" for c in cells))
+        state = info["state"] + (",paused" if info.get("paused") else "")
+        print(f"{name:<12} {state:<9}" + "".join(f" {c:<20}" for c in cells))
     for peer, err in view.get("auth_failures", {}).items():
         print(f"warning: {peer}: {err}")
     return 0

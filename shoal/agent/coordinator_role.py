@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shoal.agent.vm_registry import VMRegistry
 from shoal.agent.volumes import LONG_LANE, REVOKE_LANE
 from shoal.coordinator.errors import LeaseLost, NotCoordinator
 from shoal.coordinator.metadata import MetadataService, MetadataSettings
@@ -79,6 +80,7 @@ class CoordinatorRole:
         self._watcher: SlotWatcher | None = None
         self._minority_since: float | None = None
         self.became_at = 0.0
+        self.vms = VMRegistry(self)
 
     @property
     def me(self) -> str:
@@ -116,6 +118,9 @@ class CoordinatorRole:
             if preempt_below is None:
                 preempt_below = rt.path.key if prev == self.me else await self._next_generation_key(prev)
             await self.preempt(prev, preempt_below)
+            if prev != self.me and self.fencing_supported:
+                # every registration of its generation and older is preempted: it is fenced
+                self.fenced_gen[prev] = max(self.fenced_gen.get(prev, -1), (preempt_below >> 32) - 1)
         assert rt.election is not None
         election = rt.election
         try:
@@ -273,6 +278,7 @@ class CoordinatorRole:
         else:
             self._minority_since = None
         await self._watch_slots()
+        await self.vms.failover_step()
 
     async def _reopen(self, why: str) -> None:
         """Replay the journal into a fresh volume: memory was ahead of the disk."""
@@ -445,6 +451,8 @@ class CoordinatorRole:
                 return await self._file_io(args, payload)
             if op == "csv.confirm":
                 return {"fenced": False, "node": self.me, "epoch": self.epoch}, b""
+            if op == "csv.vm":
+                return await self.vms.handle(args), b""
             return {"error": "invalid-argument", "message": f"unknown volume request {op}"}, b""
         finally:
             self.inflight -= 1

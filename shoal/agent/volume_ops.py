@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.agent.volumes")
 
 LONG_OP_TIMEOUT_S = 3600.0
-COORDINATOR_OPS = {"csv.meta", "csv.io", "csv.fio", "csv.confirm"}
+COORDINATOR_OPS = {"csv.meta", "csv.io", "csv.fio", "csv.confirm", "csv.vm"}
 
 
 def runtime(agent: NodeAgent, volume: Any) -> VolumeRuntime:

@@ -80,6 +80,8 @@ IO_LANES = 8
 META_LANE = IO_LANES + 1
 REVOKE_LANE = IO_LANES + 2
 LONG_LANE = IO_LANES + 3
+#: VM requests between agents (migration steps, status)
+VM_LANE = IO_LANES + 4
 
 
 class GapAwareRenewer(LivenessRenewer):

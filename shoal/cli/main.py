@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "shoal.nbd.cli",
     "shoal.config.cli",
     "shoal.agent.cli",
+    "shoal.vm.cli",
     "shoal.netft.cli",
     "shoal.lab.cli",
 ]

@@ -120,7 +120,11 @@ class CoordinatorRole:
             await self.preempt(prev, preempt_below)
             if prev != self.me and self.fencing_supported:
                 # every registration of its generation and older is preempted: it is fenced
-                self.fenced_gen[prev] = max(self.fenced_gen.get(prev, -1), (preempt_below >> 32) - 1)
+                gen = (preempt_below >> 32) - 1
+                if gen > self.fenced_gen.get(prev, -1):
+                    self.fenced_gen[prev] = gen
+                    rt.agent.event("fence", volume=rt.name, node=prev, generation=gen,
+                                   why="the new coordinator preempted the previous holder")
         assert rt.election is not None
         election = rt.election
         try:

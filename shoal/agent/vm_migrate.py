@@ -279,12 +279,11 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
         if mode == "live":
             stats, stopped_at = await _live(mgr, inst, rec, str(out["uri"]), bandwidth)
     except BaseException as err:
-        await _roll_back(mgr, inst, rec, to, f"{type(err).__name__}: {err}")
-        if isinstance(err, MigrationError):
-            raise
+        await _roll_back(mgr, inst, rec, to, str(err) or type(err).__name__)
         if isinstance(err, Exception):
-            raise MigrationError(f"migrating {rec.name} to {to} failed: {err}; it keeps running on {mgr.me}.",
-                                 phase="transfer") from err
+            phase = err.phase if isinstance(err, MigrationError) else "transfer"
+            raise MigrationError(f"migrating {rec.name} to {to} failed: {str(err).rstrip('.')}. {rec.name} keeps "
+                                 f"running on {mgr.me}.", phase=phase) from err
         raise
     figures = _figures(stats, mode, net, mgr.me, to, queued_s)
     committed = await _commit(mgr, inst, rec, to, figures)

@@ -140,6 +140,10 @@ async def _verify_memory(mgr: VMManager, inst: Any, console_here: str, arrived: 
     from shoal.vm.guests import check
 
     log_v = check.check_memory_log(console_here)
+    if not arrived and log_v.boots == 0:
+        return {"vm": inst.name, "node": mgr.me, "ok": False, "kind": "memory", "restarted": False,
+                "verdict": "the guest has not finished booting yet (no start line on its console); try again",
+                "paused_ms": 0.0, "pass": None}
     restarted = log_v.boots > (0 if arrived else 1)
     q = inst.qemu
     t0 = time.monotonic()

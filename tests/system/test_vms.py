@@ -77,9 +77,21 @@ def running_on(st: LabState, name: str, node: str, via: str = "node1") -> bool:
 
 
 def verify(st: LabState, name: str, via: str = "node1") -> dict[str, Any]:
-    out = ctl(st, via, "vm_verify", name=name, timeout=120)
+    """The test guest's check passes (a guest that just started gets time to boot)."""
+    deadline = time.monotonic() + 60
+    while True:
+        out = ctl(st, via, "vm_verify", name=name, timeout=120)
+        if out["ok"] or "not finished booting" not in out["verdict"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert out["ok"], f"{name}: {out}"
     return dict(out)
+
+
+def dirtying(st: LabState, name: str) -> None:
+    """Wait until the memory guest finished a pass: every page holds data from then on."""
+    wait_for(lambda: "pass=" in ctl(st, "node1", "vm_console", name=name)["text"], 60,
+             f"{name} dirties its memory")
 
 
 def create(st: LabState, name: str, *args: str, on: str = "node1") -> None:
@@ -152,6 +164,8 @@ def test_tiny_guest_live_migrates_around_the_cluster(lab: tuple[Lab, LabState]) 
     verify(st, "mem1")
     labo.set_link("node3", "migration", False)
     try:
+        wait_for(lambda: h.request_status(st, "node2")["nodes"]["node3"]["links"]["migration"]["state"] == "down",
+                 30, "node2 sees the migration link to node3 down")
         p = shoal("vm", "migrate", "mem1", "--to", "node3", "--network", "migration", env=env(st, "node1"),
                   timeout=120)
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
@@ -202,6 +216,7 @@ def test_a_guest_dirtying_faster_than_the_cap_converges_or_aborts_cleanly(lab: t
     _, st = lab
     create(st, "busy1", "--memory", "256M", "--test-guest", "memory", "--dirty-rate", "0",
            "--disk", "vol1:/vms/busy1.raw,size=1M")
+    dirtying(st, "busy1")
     p = shoal("vm", "migrate", "busy1", "--to", "node2", "--bandwidth", "16", "--json",
               env=env(st, "node1"), timeout=900)
     assert "Traceback" not in p.stderr, p.stderr
@@ -229,8 +244,9 @@ def _migrate_in_background(st: LabState, name: str, to: str, *extra: str) -> Any
 def test_destination_killed_or_network_cut_mid_migration_leaves_the_vm_on_the_source(
         lab: tuple[Lab, LabState]) -> None:
     labo, st = lab
-    create(st, "mem3", "--memory", "128M", "--test-guest", "memory", "--dirty-rate", "4",
+    create(st, "mem3", "--memory", "128M", "--test-guest", "memory", "--dirty-rate", "64",
            "--disk", "vol1:/vms/mem3.raw,size=1M")
+    dirtying(st, "mem3")
     # the destination's QEMU dies while memory is copied (a low cap makes it last)
     proc = _migrate_in_background(st, "mem3", "node2", "--bandwidth", "8")
     wait_for(lambda: len(find_vm_processes("mem3")) == 2, 60, "the destination QEMU started")
@@ -321,6 +337,8 @@ def test_failover_after_kill_and_freeze_never_two_instances(lab: tuple[Lab, LabS
     verify(st, "fa1")
     labo.start("node2")
     wait_for(lambda: h.node_view(st, "node2")["state"] == "direct", 90, "node2 back")
+    wait_for(lambda: all(h.request_status(st, n)["nodes"][m]["links"]["migration"]["state"] == "up"
+                         for n in st.nodes for m in st.nodes if n != m), 60, "every migration link up")
     vm(st, "node1", "migrate", "fa1", "--to", "node2")
     # freeze node2 with fa1 on it: failover after the fence, and the stale copy ends on thaw
     with InstanceWatch("fa1") as w:

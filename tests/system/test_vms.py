@@ -330,10 +330,12 @@ def test_failover_after_kill_and_freeze_never_two_instances(lab: tuple[Lab, LabS
                  120, "both VMs restarted on their next preferred owners")
     assert w1.most_running() <= 1 and w2.most_running() <= 1
     survivor = "node1" if coord != "node1" else "node3"
-    fences = [e for e in h.events(st, str(h.coordinator(st, survivor)), {"fence"}) if e["node"] == "node2"]
-    failovers = [e for e in h.events(st, str(h.coordinator(st, survivor)), {"vm"})
-                 if e.get("action") == "failover"]
-    assert fences and failovers and min(e["t"] for e in failovers) >= min(e["t"] for e in fences) >= t_kill
+    coord_now = str(h.coordinator(st, survivor))
+    fences = [e for e in h.events(st, coord_now, {"fence"}) if e["node"] == "node2" and e["t"] >= t_kill]
+    failovers = [e for e in h.events(st, coord_now, {"vm"}) if e.get("action") == "failover" and e["t"] >= t_kill]
+    assert fences, "node2 was never fenced after the kill"
+    assert {e["vm"] for e in failovers} == {"fa1", "fa2"}, failovers
+    assert min(e["t"] for e in failovers) >= min(e["t"] for e in fences), "a VM moved before node2 was fenced"
     verify(st, "fa1")
     labo.start("node2")
     wait_for(lambda: h.node_view(st, "node2")["state"] == "direct", 90, "node2 back")

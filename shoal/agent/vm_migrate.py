@@ -36,9 +36,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent.errors import AgentError
+from shoal.agent.vms import RegistryError
 from shoal.agent.volumes import VM_LANE
 from shoal.coordinator import messages
-from shoal.netft.errors import NetftError
 from shoal.vm.errors import MigrationError, VMError
 from shoal.vm.record import VMRecord, state_path
 
@@ -55,6 +55,8 @@ MEMORY_HEADROOM_MIB = 64
 #: extra room in a quick migration's state file beyond the guest's memory
 STATE_HEADROOM = 256 << 20
 DEFAULT_BANDWIDTH_MIB_S = 1024
+#: notes kept in a record are cut to this many characters (the record must fit 4 KiB)
+NOTE_MAX = 300
 
 
 # ---- which network -------------------------------------------------------------------------
@@ -115,8 +117,7 @@ async def preflight(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
     """Can this node take the VM? Every problem is one sentence."""
     rec = VMRecord.from_dict(args["record"])
     problems: list[str] = []
-    _, paused, _ = await mgr.records()
-    if mgr.me in paused:
+    if mgr.me in mgr.paused_nodes:  # as of the last reconcile step, at most a second old
         problems.append(f"{mgr.me} is paused (drained); resume it with 'shoal node resume {mgr.me}'.")
     if rec.name in mgr.local or rec.name in mgr.busy:
         problems.append(f"{mgr.me} already runs {rec.name}, or is moving it.")
@@ -146,14 +147,19 @@ async def preflight(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def incoming(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
-    """Start a paused QEMU waiting for the VM's state; answer where to send it."""
+    """Start a paused QEMU waiting for the VM's state; answer where to send it.
+
+    A node busy with MAX_PARALLEL_MIGRATIONS already answers ``busy`` at once (never
+    waits holding the caller): the source waits and asks again."""
     from shoal.vm.migration import load_state, prepare_incoming
 
     rec = VMRecord.from_dict(args["record"])
     name = rec.name
-    if name in mgr.local or name in mgr.busy:
+    if name in mgr.local or name in mgr.busy or name in mgr.pending:
         raise AgentError(f"{mgr.me} already runs {name}, or is moving it.")
-    await mgr.migration_slots.acquire()
+    if mgr.migration_slots.locked():
+        return {"busy": True, "node": mgr.me}
+    await mgr.migration_slots.acquire()  # free: returns at once
     mgr.busy.add(name)
     mgr.migrations_running += 1
     try:
@@ -169,6 +175,7 @@ async def incoming(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
         return {"uri": uri, "node": mgr.me}
     except BaseException:
         await _drop_pending(mgr, name, "the incoming side could not be prepared")
+        _release(mgr, name)
         raise
 
 
@@ -181,15 +188,28 @@ async def commit(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
     if inst is None:
         raise MigrationError(f"{mgr.me} has no incoming {name} to commit (aborted meanwhile?).", phase="commit")
     await asyncio.wait_for(wait_incoming(inst.qemu), COMMIT_TIMEOUT_S)
-    rec = await mgr.get(str(args["volume"]), name)
-    if rec.gen != gen or rec.owner != source:
-        raise MigrationError(f"{name} changed meanwhile (owner {rec.owner}, generation {rec.gen}); not taking it.",
-                             phase="commit")
+    rec = VMRecord.from_dict(args["record"])  # as the source marked it: generation ``gen``
+    if rec.gen != gen or rec.owner != source or rec.name != name:
+        raise MigrationError(f"the commit request for {name} does not match its record.", phase="commit")
     mode = (rec.migration or {}).get("mode", "live")
-    # COMMIT POINT: from here the destination owns the VM; the source never runs it again
-    new = await mgr.update(rec, owner=mgr.me, migration=None, note=f"{mode} migration from {source}",
-                           last_migration=args.get("figures"))
+    # COMMIT POINT: from here the destination owns the VM; the source never runs it again.
+    # Compare-and-set on ``gen``: refused if anybody (the source settling a failed
+    # commit, a failover) changed the record since the source marked it.
+    try:
+        new = await mgr.update(rec, owner=mgr.me, migration=None, note=f"{mode} migration from {source}",
+                               last_migration=args.get("figures"))
+    except RegistryError as err:
+        if err.record is not None and err.record.get("owner") == mgr.me:
+            new = VMRecord.from_dict(err.record)  # our update landed; its answer was lost
+        else:
+            await _drop_pending(mgr, name, f"the commit was refused: {err}")
+            raise MigrationError(f"{mgr.me} could not take {name}: {err}", phase="commit") from err
+    except BaseException:
+        # unknown whether it landed: keep the paused QEMU; the reconcile step runs it if
+        # the record names us, or drops it if not
+        raise
     mgr.pending.pop(name, None)
+    inst.owned_since = time.monotonic()
     mgr.local[name] = inst
     try:
         await inst.qemu.cont()
@@ -210,6 +230,7 @@ async def abort(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _drop_pending(mgr: VMManager, name: str, why: str) -> None:
+    """Kill an uncommitted incoming QEMU and give its migration slot back."""
     inst = mgr.pending.pop(name, None)
     if inst is not None:
         with contextlib.suppress(Exception):
@@ -260,24 +281,39 @@ async def migrate(mgr: VMManager, name: str, to: str, *, quick: bool = False, ne
 async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str | None,
                    bandwidth: int | None, queued_s: float) -> dict[str, Any]:
     t0 = time.monotonic()
-    inst = mgr.local[rec.name]
-    pre, _, _ = await mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args={
-        "record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode})
+    phases: dict[str, float] = {}
+    last = t0
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        phases[name] = round((now - last) * 1000, 1)
+        last = now
+
+    inst = mgr.local.get(rec.name)
+    if inst is None:
+        raise AgentError(f"{rec.name} stopped running on {mgr.me} before it could be moved.")
+    pre = _answer(await mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args={
+        "record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode}), "preflight")
     if not pre.get("ok"):
         raise MigrationError(" ".join(pre.get("problems", [])) or f"{to} refused the VM.", phase="preflight")
+    lap("preflight")
     rec = await mgr.update(rec, migration={"to": to, "mode": mode, "network": net, "since": time.time()},
                            note=f"{mode} migration to {to} under way")
+    lap("record")
     stopped_at: float | None = None
     stats: Any = None
     try:
         if mode == "quick":  # the state goes to the volume first; the destination reads it back
             await _ensure_state_file(mgr, rec)
             stats, stopped_at = await _save(mgr, inst, rec)
-        out, _, _ = await mgr.agent.call_peer(to, "vm.incoming", lane=VM_LANE, args={
-            "record": rec.to_dict(), "network": net, "from": mgr.me, "mode": mode, "bandwidth": bandwidth},
-            timeout_s=60 if mode == "live" else MIGRATION_TIMEOUT_S)
+            lap("save")
+        out = await _incoming(mgr, to, {"record": rec.to_dict(), "network": net, "from": mgr.me, "mode": mode,
+                                        "bandwidth": bandwidth})
+        lap("destination")
         if mode == "live":
             stats, stopped_at = await _live(mgr, inst, rec, str(out["uri"]), bandwidth)
+            lap("transfer")
     except BaseException as err:
         await _roll_back(mgr, inst, rec, to, str(err) or type(err).__name__)
         if isinstance(err, Exception):
@@ -286,20 +322,34 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
                                  f"running on {mgr.me}.", phase=phase) from err
         raise
     figures = _figures(stats, mode, net, mgr.me, to, queued_s)
+    figures["volume"] = rec.spec.volume
     committed = await _commit(mgr, inst, rec, to, figures)
-    t_end = time.monotonic()
+    lap("commit")
     figures["downtime_ms"] = round((committed - stopped_at) * 1000, 1) if stopped_at else None
-    figures["total_ms"] = round((t_end - t0) * 1000, 1)
+    figures["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
+    figures["phases_ms"] = phases
     figures["t"] = time.time()  # when it ended (wall clock), so overlaps can be checked
-    await mgr._end(inst, f"moved to {to} ({mode} migration)", kill=False)
-    with contextlib.suppress(Exception):
-        cur = await mgr.find(rec.name)
-        await mgr.update(cur, last_migration=figures)
-    log.warning("%s: %s migrated to %s over %s: downtime %s ms, total %s ms", mgr.me, rec.name, to, net or "-",
-                figures["downtime_ms"], figures["total_ms"])
+    # the VM runs on the destination: the source's stopped QEMU and the figures' last
+    # word are tidied up without keeping the caller waiting
+    inst.stopping = True
+    if mgr.local.get(rec.name) is inst:
+        del mgr.local[rec.name]
+    mgr.agent._spawn(_after_commit(mgr, inst, rec.name, to, mode, figures))
+    log.warning("%s: %s migrated to %s over %s: downtime %s ms, total %s ms (%s)", mgr.me, rec.name, to,
+                net or "-", figures["downtime_ms"], figures["total_ms"],
+                ", ".join(f"{k} {v:g}" for k, v in phases.items()))
     mgr.agent.event("vm", vm=rec.name, action="migrated", to=to, **{k: v for k, v in figures.items()
                                                                      if k in ("downtime_ms", "network", "mode")})
     return {"vm": rec.name, **figures}
+
+
+async def _after_commit(mgr: VMManager, inst: Instance, name: str, to: str, mode: str,
+                        figures: dict[str, Any]) -> None:
+    await mgr._end(inst, f"moved to {to} ({mode} migration)", kill=False)
+    with contextlib.suppress(Exception):
+        cur = await mgr.get(figures["volume"], name)
+        if cur.owner == to and cur.migration is None:  # never race a newer migration's mark
+            await mgr.update(cur, last_migration=figures)
 
 
 async def _live(mgr: VMManager, inst: Instance, rec: VMRecord, uri: str,
@@ -337,35 +387,65 @@ async def _ensure_state_file(mgr: VMManager, rec: VMRecord) -> None:
             messages.check_result(await rt._meta_call("resize", {"path": path, "size": size}))
 
 
+def _answer(reply: tuple[Any, bytes, str], phase: str) -> dict[str, Any]:
+    """The result of a call to the destination; its refusal as MigrationError."""
+    result = reply[0]
+    if isinstance(result, dict) and result.get("error"):
+        raise MigrationError(str(result.get("message")), phase=phase)
+    return dict(result)
+
+
+async def _incoming(mgr: VMManager, to: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Ask ``to`` to prepare; while it is busy with other migrations, wait (queued)."""
+    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    timeout = 60 if args["mode"] == "live" else MIGRATION_TIMEOUT_S
+    while True:
+        out = _answer(await mgr.agent.call_peer(to, "vm.incoming", lane=VM_LANE, args=args, timeout_s=timeout),
+                      "prepare")
+        if not out.get("busy"):
+            return out
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{to} stayed busy with other migrations for {MIGRATION_TIMEOUT_S:g} s.",
+                                 phase="prepare")
+        await asyncio.sleep(0.5)
+
+
 async def _commit(mgr: VMManager, inst: Instance, rec: VMRecord, to: str, figures: dict[str, Any]) -> float:
-    """Ask the destination to commit; the monotonic time it answered. On failure, settle
-    whether the commit happened (see the module doc) and roll back if it did not."""
+    """Ask the destination to commit; the monotonic time it answered. On any failure,
+    settle whether the commit happened (see the module doc) and roll back if it did not."""
     try:
-        await mgr.agent.call_peer(to, "vm.commit", lane=VM_LANE, args={
-            "name": rec.name, "volume": rec.spec.volume, "gen": rec.gen, "from": mgr.me, "figures": figures},
-            timeout_s=COMMIT_TIMEOUT_S + 10)
+        _answer(await mgr.agent.call_peer(to, "vm.commit", lane=VM_LANE, args={
+            "name": rec.name, "record": rec.to_dict(), "gen": rec.gen, "from": mgr.me, "figures": figures},
+            timeout_s=COMMIT_TIMEOUT_S + 10), "commit")
         return time.monotonic()
-    except (NetftError, TimeoutError, AgentError, VMError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever it was, the record decides
         why = str(err) or type(err).__name__
-    except Exception as err:  # the destination raised: its message says why
-        why = str(err)
+    if await settle(mgr, rec, to, f"migration to {to} failed at the commit: {why}"):
+        log.warning("%s: %s: the commit call failed (%s) but %s owns the VM: migrated", mgr.me, rec.name, why, to)
+        return time.monotonic()
+    await _roll_back(mgr, inst, None, to, f"the commit failed: {why}")
+    raise MigrationError(f"the commit failed ({why})", phase="commit")
+
+
+async def settle(mgr: VMManager, rec: VMRecord, to: str, note: str) -> bool:
+    """Did ``to`` commit the migration ``rec`` marked? True if it owns the VM; False once
+    the record's generation moved on without it (then it never can: its commit is a
+    compare-and-set on the marked generation) and the mark is cleared. Retries while
+    the coordinator cannot be reached: the VM stays stopped until the answer is known."""
     while True:
         try:
-            await mgr.update(rec, migration=None, note=f"migration to {to} failed at the commit: {why}")
-            break  # the generation moved on: the destination can no longer commit
-        except AgentError as err:
-            cur = getattr(err, "record", None)
-            if cur is not None and cur.get("owner") == to:
-                log.warning("%s: %s: the commit call failed (%s) but %s owns the VM: migrated", mgr.me,
-                            rec.name, why, to)
-                return time.monotonic()
-            if getattr(err, "code", "") == "conflict":
-                break
-            log.warning("%s: %s: cannot settle the commit yet (%s); the VM stays stopped", mgr.me, rec.name, err)
-            await asyncio.sleep(1)
-    await _roll_back(mgr, inst, None, to, f"the commit failed: {why}")
-    raise MigrationError(f"migrating {rec.name} to {to} failed at the commit ({why}); it keeps running on "
-                         f"{mgr.me}.", phase="commit")
+            cur = await mgr.get(rec.spec.volume, rec.name)
+            if cur.owner == to:
+                return True
+            if cur.owner != mgr.me:
+                raise MigrationError(f"{rec.name} belongs to {cur.owner} now.", phase="commit")
+            await mgr.update(cur, migration=None, note=note[:NOTE_MAX])
+            return False
+        except MigrationError:
+            raise
+        except Exception as err:  # noqa: BLE001 - conflict, coordinator away: read again
+            log.warning("%s: %s: settling the commit: %s; retrying", mgr.me, rec.name, err)
+            await asyncio.sleep(0.5)
 
 
 async def _roll_back(mgr: VMManager, inst: Instance, rec: VMRecord | None, to: str, why: str) -> None:
@@ -380,7 +460,9 @@ async def _roll_back(mgr: VMManager, inst: Instance, rec: VMRecord | None, to: s
         log.error("%s: %s could not be resumed after a failed migration: %s", mgr.me, inst.name, err)
     if rec is not None:
         with contextlib.suppress(Exception):
-            await mgr.update(rec, migration=None, note=f"migration to {to} failed: {why}")
+            cur = await mgr.get(rec.spec.volume, rec.name)
+            if cur.owner == mgr.me and cur.migration:
+                await mgr.update(cur, migration=None, note=f"migration to {to} failed: {why}"[:NOTE_MAX])
     log.warning("%s: migration of %s to %s rolled back: %s", mgr.me, inst.name, to, why)
     mgr.agent.event("vm", vm=inst.name, action="migration-failed", to=to, why=why)
 
@@ -392,7 +474,7 @@ def _figures(stats: Any, mode: str, net: str | None, src: str, dst: str, queued_
     return {"mode": mode, "from": src, "to": dst, "network": net, "qemu_downtime_ms": get("downtime_ms"),
             "qemu_total_ms": get("total_time_ms"), "transferred_bytes": get("transferred_bytes"),
             "iterations": get("iterations"), "mbps": get("mbps"), "queued_s": round(queued_s, 3),
-            "policy": list(get("steps") or ()), "postcopy": get("postcopy"), "t": time.time()}
+            "policy": [str(x)[:200] for x in (get("steps") or ())][-8:], "postcopy": get("postcopy"), "t": time.time()}
 
 
 # ---- drain ------------------------------------------------------------------------------------
@@ -416,8 +498,8 @@ async def drain(mgr: VMManager) -> dict[str, Any]:
     async def one(r: VMRecord) -> dict[str, Any]:
         try:
             return await migrate(mgr, r.name, planned[r.name])
-        except (VMError, AgentError, NetftError) as err:
-            return {"vm": r.name, "to": planned[r.name], "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - every VM gets its own verdict
+            return {"vm": r.name, "to": planned[r.name], "error": str(err) or type(err).__name__}
 
     results = await asyncio.gather(*(one(r) for r in mine))
     left = [r["vm"] for r in results if r.get("error")]

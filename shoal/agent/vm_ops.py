@@ -71,6 +71,8 @@ async def _start_now(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
         if rec.name not in mgr.busy:
             break
         await asyncio.sleep(0.1)
+    else:
+        raise AgentError(f"{rec.name} is being started or moved on {mgr.me}; retry in a moment.")
     if rec.name not in mgr.local:
         mgr.busy.add(rec.name)
         try:
@@ -117,6 +119,8 @@ async def _verify(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
     inst = mgr.local.get(name)
     if inst is None:
         raise AgentError(f"{name} does not run on {mgr.me}.")
+    if name in mgr.busy:
+        raise AgentError(f"{name} is being moved or started; verify it when that is done.")
     text = inst.console.read_text(errors="replace")
     since = text.rfind("\n--- shoal:")
     here = text[since:] if since >= 0 else text
@@ -195,6 +199,13 @@ async def create(agent: NodeAgent, spec: dict[str, Any], start: bool) -> dict[st
             locate(s.test_guest)
         except GuestError as err:
             raise AgentError(str(err)) from err
+    recs, _, answered = await mgr.records(wait_s=30)
+    missing = [v.name for v in agent.cfg.volumes if v.name not in answered]
+    if s.name in recs:
+        raise AgentError(f"a VM named {s.name} already exists (on {recs[s.name].spec.volume}); pick another name.")
+    if missing:
+        raise AgentError(f"no coordinator of {', '.join(missing)} answers, so shoal cannot check that the name "
+                         f"{s.name} is free; retry when 'shoal volume ls' shows one.")
     created = []
     for d in s.disks:
         rt = mgr._runtime(d.volume)
@@ -234,8 +245,29 @@ async def start_vm(agent: NodeAgent, name: str, on: str | None) -> dict[str, Any
         raise AgentError(f"{name} runs on {rec.owner}; move it with 'shoal vm migrate {name} --to {on}'.")
     else:
         target = on or (rec.owner if rec.owner in mgr.candidates(paused) else mgr.place(rec, recs, paused))
+        if rec.owner and rec.owner != target:
+            await _not_running_on(agent, rec)
         rec = await mgr.update(rec, owner=target, desired="running", note=f"started on {target}")
     return await on_owner(agent, rec, "vm.start_now", {"name": name, "origin": "started"})
+
+
+async def _not_running_on(agent: NodeAgent, rec: VMRecord) -> None:
+    """Before a stopped VM starts elsewhere: its last owner must confirm it ended it
+    (a stop may still be under way there), or be down and fenced (nothing runs)."""
+    old = str(rec.owner)
+    if old == agent.name:
+        running = rec.name in agent.vms.local or rec.name in agent.vms.busy
+    else:
+        try:
+            st, _, _ = await agent.call_peer(old, "vm.status", {}, lane=VM_LANE, timeout_s=10)
+            running = rec.name in st.get("vms", {})
+        except Exception as err:  # noqa: BLE001 - unreachable: only a fence makes it safe
+            if agent.membership.state(old) is NodeState.DOWN:
+                return  # dead; its QEMUs died with its agent, and a fenced node writes nothing
+            raise AgentError(f"{rec.name} last ran on {old}, which does not answer ({err}); start it there, "
+                             f"or wait until {old} is down.") from err
+    if running:
+        raise AgentError(f"{rec.name} is still stopping on {old}; retry in a moment.")
 
 
 async def stop_vm(agent: NodeAgent, name: str, force: bool) -> dict[str, Any]:
@@ -249,7 +281,7 @@ async def stop_vm(agent: NodeAgent, name: str, force: bool) -> dict[str, Any]:
     args = {"name": name, "force": force, "test_guest": bool(rec.spec.test_guest)}
     if owner == agent.name:
         return _checked(await _stop_now(mgr, args))
-    result, _, _ = await agent.call_peer(owner, "vm.stop_now", args, timeout_s=120)
+    result, _, _ = await agent.call_peer(owner, "vm.stop_now", args, lane=VM_LANE, timeout_s=120)
     return _checked(result)
 
 

@@ -28,6 +28,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from shoal.errors import ShoalError
 from shoal.membership import NodeState
 from shoal.vm.placement import choose_node
 from shoal.vm.record import (
@@ -133,7 +134,9 @@ class VMRegistry:
             try:
                 await self._load()
                 return await self._dispatch(vop, args)
-            except VolumeError as err:
+            except ShoalError as err:
+                if not isinstance(err, VolumeError):  # a record that cannot be stored (too big, bad)
+                    return _error("invalid-argument", str(err))
                 return _error("not-coordinator", f"the coordinator could not read or write VM records ({err}); "
                               "retry")
 

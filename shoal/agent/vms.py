@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 RECONCILE_S = 1.0
 #: how long a registry read may wait for a coordinator before a reconcile step skips it
 REGISTRY_WAIT_S = 3.0
+#: how long a request from the CLI waits for a volume's coordinator
+CALL_WAIT_S = 30.0
+#: an incoming migration not committed after this long is dropped (its source is gone)
+PENDING_MAX_S = 900.0
+#: how often the freeze watchdog looks at the clock
+WATCHDOG_S = 0.1
 #: how long ``vm stop`` waits for a guest to power off before it ends QEMU
 POWERDOWN_WAIT_S = 30.0
 #: where the accelerator probe's answer is kept, for every agent of this host until reboot
@@ -70,6 +76,8 @@ class Instance:
     console: Path
     volume: str
     stopping: bool = False
+    #: when this node last became its owner (monotonic): records read before that are stale
+    owned_since: float = 0.0
 
     def view(self, status: str) -> dict[str, Any]:
         return {"name": self.name, "status": status, "pid": self.qemu.pid,
@@ -101,6 +109,7 @@ class VMManager:
         self.migrations_running = 0
         self.dir = Path(agent.cfg.run_dir) / f"{agent.name}-vms"
         self._suspect = False
+        self._suspect_since = 0.0
         #: nodes paused (drained), as of the last reconcile step
         self.paused_nodes: set[str] = set()
 
@@ -113,24 +122,30 @@ class VMManager:
     async def run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent._spawn(self._probe_accel())
-        frozen_after = 8 * self.agent.cfg.timing.io_timeout_s
-        last = time.monotonic()
+        self.agent._spawn(self._watchdog())
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECONCILE_S):
                     await self._wake.wait()
             self._wake.clear()
-            now = time.monotonic()
-            if now - last > frozen_after and self.local:
-                await self._pause_all(f"this node was stopped for {now - last:.1f} s; others may have fenced it")
-            last = now
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("%s: VM reconcile step failed", self.me)
-            last = time.monotonic()
+
+    async def _watchdog(self) -> None:
+        """Notice that this process was stopped (frozen) for longer than others wait
+        before they fence it: pause every VM at once, before anything else runs."""
+        frozen_after = 8 * self.agent.cfg.timing.io_timeout_s
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            now = time.monotonic()
+            if now - last > frozen_after and (self.local or self.pending):
+                await self._pause_all(f"this node was stopped for {now - last:.1f} s; others may have fenced it")
+            last = now
 
     async def _probe_accel(self) -> None:
         """KVM only if the Linux test guest really boots under it (see shoal.vm.accel)."""
@@ -172,6 +187,7 @@ class VMManager:
     async def _pause_all(self, why: str) -> None:
         log.warning("%s: pausing every VM here: %s", self.me, why)
         self._suspect = True
+        self._suspect_since = time.monotonic()
         for inst in list(self.local.values()):
             with contextlib.suppress(Exception):
                 await inst.qemu.stop()
@@ -193,8 +209,15 @@ class VMManager:
             raise RegistryError(str(result.get("message")), str(result["error"]), result.get("record"))
         return dict(result)
 
-    async def get(self, volume: str, name: str) -> VMRecord:
-        return VMRecord.from_dict((await self.registry(volume, "get", name=name))["record"])
+    async def get(self, volume: str, name: str, wait_s: float = CALL_WAIT_S) -> VMRecord:
+        """The record of ``name`` on ``volume``, read now at its coordinator."""
+        try:
+            async with asyncio.timeout(wait_s):
+                out = await self.registry(volume, "get", name=name)
+        except TimeoutError as err:
+            raise AgentError(f"no coordinator of volume {volume} answered within {wait_s:g} s; "
+                             "retry when 'shoal volume ls' shows one.") from err
+        return VMRecord.from_dict(out["record"])
 
     async def update(self, rec: VMRecord, **changes: Any) -> VMRecord:
         """Compare-and-set ``changes`` on ``rec`` (RegistryError "conflict" if it changed)."""
@@ -230,7 +253,7 @@ class VMManager:
         return found, paused, answered
 
     async def find(self, name: str) -> VMRecord:
-        recs, _, answered = await self.records(wait_s=None)
+        recs, _, answered = await self.records(wait_s=CALL_WAIT_S)
         if name not in recs:
             missing = [v.name for v in self.agent.cfg.volumes if v.name not in answered]
             extra = f" (volumes {', '.join(missing)} did not answer)" if missing else ""
@@ -247,12 +270,13 @@ class VMManager:
 
     async def reconcile(self) -> None:
         await self._reap()
+        fetched_at = time.monotonic()
         recs, paused, answered = await self.records()
         if self.agent.cfg.volumes and self.agent.cfg.volumes[0].name in answered:
             self.paused_nodes = paused
         for name, inst in list(self.local.items()):
-            if name in self.busy or inst.stopping:
-                continue
+            if name in self.busy or inst.stopping or inst.owned_since >= fetched_at:
+                continue  # busy, or it became ours after these records were read
             rec = recs.get(name)
             if rec is None and inst.volume not in answered:
                 continue  # its volume did not answer: we know nothing new
@@ -260,23 +284,39 @@ class VMManager:
                 why = ("its record was deleted" if rec is None else
                        f"{rec.owner} owns it now" if rec.owner != self.me else "it should not run")
                 await self._end(inst, f"stale instance ({why})", kill=True)
-            elif self._suspect:
+            elif self._suspect and self._records_trusted():
                 with contextlib.suppress(Exception):
                     await inst.qemu.cont()
                 log.warning("%s: VM %s is still ours after the freeze; running again", self.me, name)
         for name in list(self.pending):
+            if self.pending[name].owned_since >= fetched_at:
+                continue
+            if time.monotonic() - self.pending[name].owned_since > PENDING_MAX_S:
+                from shoal.agent.vm_migrate import abort
+
+                await abort(self, {"name": name, "why": "no commit came; the source is gone"})
+                continue
             rec = recs.get(name)
             mig = rec.migration if rec is not None else None
             if (rec is not None or self.pending[name].volume in answered) and (mig or {}).get("to") != self.me:
                 from shoal.agent.vm_migrate import abort
 
                 await abort(self, {"name": name, "why": "the record shows no migration to this node"})
-        if self._suspect and all(v.name in answered for v in self.agent.cfg.volumes):
+        if self._suspect and self._records_trusted() and all(v.name in answered for v in self.agent.cfg.volumes):
             self._suspect = False
         for rec in recs.values():
-            if (rec.owner == self.me and rec.desired == "running" and rec.migration is None
-                    and rec.name not in self.local and rec.name not in self.busy):
+            if rec.owner != self.me or rec.name in self.busy or rec.name in self.pending:
+                continue
+            if rec.migration is not None:
+                # marked by this node, which is not moving it (its agent restarted): clear
+                self.agent._spawn(self._clear_orphan_mark(rec))
+            elif rec.desired == "running" and rec.name not in self.local:
                 self.agent._spawn(self._start_guarded(rec, "reconcile"))
+
+    def _records_trusted(self) -> bool:
+        """After a freeze, records answered by this node's own coordinator role are
+        trusted only once it had time to re-check its lease (and step down if lost)."""
+        return time.monotonic() - self._suspect_since > 4 * self.agent.cfg.timing.io_timeout_s
 
     async def _reap(self) -> None:
         """Notice QEMUs that exited by themselves: the VM stops, with the reason."""
@@ -288,24 +328,49 @@ class VMManager:
             why = f"QEMU exited with status {rc} (the guest powered off, or QEMU failed; see 'shoal vm console {name}')"
             log.warning("%s: VM %s: %s", self.me, name, why)
             self.agent.event("vm", vm=name, action="exited", status=rc)
-            with contextlib.suppress(Exception):
-                rec = await self.find(name)
-                if rec.owner == self.me and rec.desired == "running":
-                    await self.update(rec, desired="stopped", note=why)
+            self.agent._spawn(self._mark_exited(inst.volume, name, why))
+
+    async def _mark_exited(self, volume: str, name: str, why: str) -> None:
+        with contextlib.suppress(Exception):
+            rec = await self.get(volume, name, CALL_WAIT_S)
+            if rec.owner == self.me and rec.desired == "running" and name not in self.local:
+                await self.update(rec, desired="stopped", note=why[:300])
+
+    async def _clear_orphan_mark(self, rec: VMRecord) -> None:
+        if rec.name in self.busy:
+            return
+        self.busy.add(rec.name)
+        try:
+            cur = await self.get(rec.spec.volume, rec.name, REGISTRY_WAIT_S)
+            if cur.owner == self.me and cur.migration is not None and rec.name not in self.local:
+                await self.update(cur, migration=None, note=f"a migration from {self.me} was interrupted "
+                                  "(its agent restarted); the VM starts here again")
+                log.warning("%s: VM %s: cleared an interrupted migration", self.me, rec.name)
+        except Exception as err:  # noqa: BLE001 - the next step tries again
+            log.info("%s: VM %s: clearing an interrupted migration failed: %s", self.me, rec.name, err)
+        finally:
+            self.busy.discard(rec.name)
 
     async def _start_guarded(self, rec: VMRecord, origin: str) -> None:
         if rec.name in self.busy or rec.name in self.local:
             return
         self.busy.add(rec.name)
         try:
+            # the snapshot may be seconds old (a slow volume): start only on a fresh read
+            rec = await self.get(rec.spec.volume, rec.name, REGISTRY_WAIT_S)
+            if rec.owner != self.me or rec.desired != "running" or rec.migration is not None \
+                    or rec.name in self.local:
+                return
             await self.start_instance(rec, origin)
+        except (AgentError, NetftError):
+            pass  # the record could not be read: the next step tries again
         except VMError as err:
             log.error("%s: VM %s did not start: %s", self.me, rec.name, err)
             self.agent.event("vm", vm=rec.name, action="start-failed", error=str(err))
             with contextlib.suppress(Exception):
-                cur = await self.find(rec.name)
+                cur = await self.get(rec.spec.volume, rec.name, REGISTRY_WAIT_S)
                 if cur.owner == self.me:
-                    await self.update(cur, desired="stopped", note=f"did not start on {self.me}: {err}")
+                    await self.update(cur, desired="stopped", note=f"did not start on {self.me}: {err}"[:300])
         finally:
             self.busy.discard(rec.name)
 
@@ -349,7 +414,8 @@ class VMManager:
         q = Qemu(machine, accel=self.accel, qmp_socket=str(qmp), incoming=incoming, start_paused=incoming,
                  stderr_log=str(self.dir / f"{spec.name}.qemu.log"), die_with_parent=True)
         await q.start()
-        return Instance(spec.name, q, origin, time.time(), time.monotonic(), console, spec.volume)
+        now = time.monotonic()
+        return Instance(spec.name, q, origin, time.time(), now, console, spec.volume, owned_since=now)
 
     async def start_instance(self, rec: VMRecord, origin: str) -> Instance:
         inst = await self.new_qemu(rec.spec, incoming=False, origin=origin)
@@ -377,6 +443,9 @@ class VMManager:
         inst = self.local.get(name)
         if inst is None:
             return "not running here"
+        if name in self.busy and not force:
+            raise AgentError(f"{name} is being moved or started on {self.me}; retry when that is done "
+                             "(or use 'shoal vm kill').")
         if force or test_guest:
             # test guests ignore ACPI power-off; their writes are durable, so QEMU just quits
             await self._end(inst, "killed" if force else "stopped", kill=force)

@@ -11,8 +11,8 @@ The file, little-endian::
     16      4080  zeros
     4096    n     the migration stream
 
-The header is written last, after the stream is flushed, so a save cut short leaves a
-file ``read`` refuses instead of a truncated state QEMU would choke on.
+The header is zeroed first and written last, after the stream is flushed, so a save
+cut short leaves a file ``read`` refuses instead of a truncated (or an older) state.
 
     python -m shoal.vm.statefile write SOCKET EXPORT < stream
     python -m shoal.vm.statefile read SOCKET EXPORT > stream
@@ -35,6 +35,9 @@ _HEAD = struct.Struct("<8sQ")
 async def write(socket: str, export: str) -> int:
     client = await NBDClient.connect(socket, export)
     try:
+        # a previous save's header must not vouch for a stream this one only half replaced
+        await client.write(0, bytes(HEADER))
+        await client.flush()
         loop = asyncio.get_running_loop()
         stdin = sys.stdin.buffer
         offset = HEADER

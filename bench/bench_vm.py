@@ -155,6 +155,10 @@ def main() -> int:
               f"(min {min(down):.1f}, max {max(down):.1f}); QEMU's own p50 {p50(qdown):.0f} ms — "
               f"{verdict(ok)} (<= {GOAL_IDLE_P50_MS:.0f} ms)")
         shoal_wall = [m["wall_ms"] for m in idle]
+        phases = {k: p50([m["phases_ms"].get(k, 0.0) for m in idle]) for k in idle[0]["phases_ms"]}
+        print("   where shoal's time goes (p50 ms): caller to owner and back "
+              f"{p50([m['wall_ms'] - m['total_ms'] for m in idle]):.1f}, "
+              + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
         ctl(st, "node1", "vm_stop", name="idle", force=True)
 
         make_vm(st, "busy", 256, 64)

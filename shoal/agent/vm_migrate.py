@@ -257,7 +257,10 @@ async def migrate(mgr: VMManager, name: str, to: str, *, quick: bool = False, ne
                   bandwidth_mib_s: int | None = None) -> dict[str, Any]:
     """Move ``name`` (running here) to ``to``; the figures, or MigrationError with the VM
     still running here."""
-    rec = await mgr.find(name)
+    cached = mgr.cached.get(name)
+    # the reconcile step's copy spares a round trip; the mark below is a compare-and-set,
+    # so a stale copy costs a retry, never a wrong move
+    rec = cached if cached is not None and cached.owner == mgr.me and name in mgr.local else await mgr.find(name)
     if rec.owner != mgr.me or name not in mgr.local:
         raise AgentError(f"{name} does not run on {mgr.me} (its owner is {rec.owner or 'nobody'}).")
     if to == mgr.me:
@@ -293,14 +296,25 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
     inst = mgr.local.get(rec.name)
     if inst is None:
         raise AgentError(f"{rec.name} stopped running on {mgr.me} before it could be moved.")
-    pre = _answer(await mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args={
-        "record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode}), "preflight")
-    if not pre.get("ok"):
-        raise MigrationError(" ".join(pre.get("problems", [])) or f"{to} refused the VM.", phase="preflight")
+    # pre-flight on the destination and the record's mark run at once; a refused
+    # pre-flight takes the mark back, so nothing has moved either way
+    preflight_call = mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args={
+        "record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode})
+    pre_r, mark_r = await asyncio.gather(preflight_call, _mark(mgr, rec, to, mode, net), return_exceptions=True)
+    if isinstance(mark_r, BaseException):
+        raise mark_r
+    rec = mark_r
+    try:
+        if isinstance(pre_r, BaseException):
+            raise pre_r
+        pre = _answer(pre_r, "preflight")
+        if not pre.get("ok"):
+            raise MigrationError(" ".join(pre.get("problems", [])) or f"{to} refused the VM.", phase="preflight")
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            await mgr.update(rec, migration=None, note=f"migration to {to} refused: {err}"[:NOTE_MAX])
+        raise
     lap("preflight")
-    rec = await mgr.update(rec, migration={"to": to, "mode": mode, "network": net, "since": time.time()},
-                           note=f"{mode} migration to {to} under way")
-    lap("record")
     stopped_at: float | None = None
     stats: Any = None
     try:
@@ -385,6 +399,21 @@ async def _ensure_state_file(mgr: VMManager, rec: VMRecord) -> None:
         messages.check_result(st)
         if int(st["size"]) < size:
             messages.check_result(await rt._meta_call("resize", {"path": path, "size": size}))
+
+
+async def _mark(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str | None) -> VMRecord:
+    """Mark the record: a migration to ``to`` is under way (both ends leave the VM alone)."""
+    for attempt in range(3):
+        try:
+            return await mgr.update(rec, migration={"to": to, "mode": mode, "network": net, "since": time.time()},
+                                    note=f"{mode} migration to {to} under way")
+        except RegistryError as err:
+            if err.code != "conflict" or attempt == 2:
+                raise
+            rec = await mgr.get(rec.spec.volume, rec.name)
+            if rec.owner != mgr.me or rec.migration is not None or rec.desired != "running":
+                raise AgentError(f"{rec.name} changed meanwhile (owner {rec.owner}, {rec.desired}); not moving it.") from err
+    raise AssertionError("unreachable")
 
 
 def _answer(reply: tuple[Any, bytes, str], phase: str) -> dict[str, Any]:

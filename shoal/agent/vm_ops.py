@@ -333,6 +333,16 @@ async def list_vms(agent: NodeAgent) -> dict[str, Any]:
 
 
 async def forward_vm(agent: NodeAgent, name: str, op: str, args: dict[str, Any]) -> Any:
+    """Run ``op`` on the VM's owner: the one the last reconcile step saw, else a fresh read."""
+    rec = agent.vms.cached.get(name)
+    # only requests a non-owner refuses may take the hint (a console read would not)
+    if op in ("vm.migrate", "vm.verify") and rec is not None and rec.owner and rec.desired == "running" \
+            and rec.migration is None:
+        try:
+            return await on_owner(agent, rec, op, {"name": name, **args})
+        except AgentError as err:
+            if "does not run on" not in str(err):
+                raise
     rec = await agent.vms.find(name)
     return await on_owner(agent, rec, op, {"name": name, **args})
 

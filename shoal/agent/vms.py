@@ -112,6 +112,8 @@ class VMManager:
         self._suspect_since = 0.0
         #: nodes paused (drained), as of the last reconcile step
         self.paused_nodes: set[str] = set()
+        #: every record, as of the last reconcile step (a hint: decisions re-read or CAS)
+        self.cached: dict[str, VMRecord] = {}
 
     @property
     def me(self) -> str:
@@ -274,6 +276,8 @@ class VMManager:
         recs, paused, answered = await self.records()
         if self.agent.cfg.volumes and self.agent.cfg.volumes[0].name in answered:
             self.paused_nodes = paused
+        self.cached = {n: r for n, r in {**self.cached, **recs}.items()
+                       if n in recs or (r.spec.volume not in answered)}
         for name, inst in list(self.local.items()):
             if name in self.busy or inst.stopping or inst.owned_since >= fetched_at:
                 continue  # busy, or it became ours after these records were read

@@ -118,13 +118,6 @@ class CoordinatorRole:
             if preempt_below is None:
                 preempt_below = rt.path.key if prev == self.me else await self._next_generation_key(prev)
             await self.preempt(prev, preempt_below)
-            if prev != self.me and self.fencing_supported:
-                # every registration of its generation and older is preempted: it is fenced
-                gen = (preempt_below >> 32) - 1
-                if gen > self.fenced_gen.get(prev, -1):
-                    self.fenced_gen[prev] = gen
-                    rt.agent.event("fence", volume=rt.name, node=prev, generation=gen,
-                                   why="the new coordinator preempted the previous holder")
         assert rt.election is not None
         election = rt.election
         try:
@@ -213,6 +206,9 @@ class CoordinatorRole:
                 raise PreemptFailed(f"could not preempt {node} at {addr}: {err or 'timed out'}") from err
             self.preempted[node] = below
             log.warning("%s: preempted %s's registrations below key %#x at %s", self.rt.name, node, below, addr)
+            whole = below & 0xFFFFFFFF == 0  # every attempt of generations below below >> 32
+            self.rt.agent.event("preempt", volume=self.rt.name, node=node, below=below,
+                                generations_below=(below >> 32) if whole else None)
 
     async def fence(self, node: str, generation: int | None, why: str) -> bool:
         """Fence ``node``; True once it is (or already was) fenced, False if it could not be."""

@@ -207,16 +207,20 @@ class VMRegistry:
                     await self._fail_over(rec, candidates)
 
     async def _fenced_now(self, node: str) -> bool:
-        """True when the node's current liveness generation is fenced at the target."""
-        fenced = self.role.fenced_gen.get(node)
-        if fenced is None:
+        """True when every registration of the node's current liveness generation is
+        preempted at the storage target: fenced (``fence``), or preempted whole as the
+        previous coordinator when this one took over."""
+        fenced = self.role.fenced_gen.get(node, -1)
+        preempted = self.role.preempted.get(node, 0)
+        whole = (preempted >> 32) - 1  # keys below (g << 32 | a) cover every generation below g
+        if max(fenced, whole) < 0:
             return False
         area = LeaseArea(self.rt.direct_dev, self.rt.sb)
         try:
             slot = await self.rt.run_lease(lambda: area.read_slot(self.rt.node_id_of(node)))
         except VolumeError:
             return False
-        return bool(slot.generation <= fenced)
+        return bool(slot.generation <= max(fenced, whole))
 
     async def _fail_over(self, rec: VMRecord, candidates: list[str]) -> None:
         load: dict[str, int] = {}

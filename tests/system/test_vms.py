@@ -331,7 +331,8 @@ def test_failover_after_kill_and_freeze_never_two_instances(lab: tuple[Lab, LabS
     assert w1.most_running() <= 1 and w2.most_running() <= 1
     survivor = "node1" if coord != "node1" else "node3"
     coord_now = str(h.coordinator(st, survivor))
-    fences = [e for e in h.events(st, coord_now, {"fence"}) if e["node"] == "node2" and e["t"] >= t_kill]
+    fences = [e for e in h.events(st, coord_now, {"fence", "preempt"}) if e["node"] == "node2" and e["t"] >= t_kill
+              and (e["kind"] == "fence" or e.get("generations_below") is not None)]
     failovers = [e for e in h.events(st, coord_now, {"vm"}) if e.get("action") == "failover" and e["t"] >= t_kill]
     assert fences, "node2 was never fenced after the kill"
     assert {e["vm"] for e in failovers} == {"fa1", "fa2"}, failovers

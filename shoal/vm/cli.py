@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--test-guest", choices=TEST_GUESTS,
                    help="run a test guest: memory (dirties memory, checkable after migration) or "
                         "disk (Linux writing and verifying its disk)")
-    c.add_argument("--dirty-rate", type=int, default=0, metavar="MIB_S",
-                   help="memory test guest: how fast it dirties memory (0 = as fast as it can)")
+    c.add_argument("--dirty-rate", type=int, default=16, metavar="MIB_S",
+                   help="memory test guest: how fast it dirties memory, default 16 (0 = as fast as it can)")
     c.add_argument("--kernel", help="boot this kernel (a path that exists on every node)")
     c.add_argument("--initrd", help="initramfs for --kernel")
     c.add_argument("--append", help="kernel command line for --kernel")

@@ -82,7 +82,7 @@ class VMSpec:
     cpus: int = 1
     disks: tuple[DiskSpec, ...] = ()
     test_guest: str | None = None
-    dirty_rate_mib_s: int = 0  # the memory test guest's target dirty rate; 0 = as fast as it can
+    dirty_rate_mib_s: int = 16  # the memory test guest's target dirty rate; 0 = as fast as it can
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None

@@ -113,11 +113,13 @@ async def raw_pair(st: LabState, name: str, count: int, accel: str) -> list[floa
     await src.start()
     await asyncio.sleep(2)
     times = []
+    starts = []
     try:
         for i in range(1, count + 1):
             t0 = time.monotonic()
             dst = qemu(i, True)
             await dst.start()
+            starts.append((time.monotonic() - t0) * 1000)
             uri = await prepare_incoming(dst, "tcp:127.0.0.1:0", settings)
 
             async def hook() -> None:
@@ -131,6 +133,7 @@ async def raw_pair(st: LabState, name: str, count: int, accel: str) -> list[floa
             src = dst
     finally:
         await src.quit()
+    print(f"   raw: destination QEMU started in p50 {p50(starts):.1f} ms")
     return times
 
 

@@ -164,7 +164,9 @@ async def incoming(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
     mgr.migrations_running += 1
     try:
         source = args.get("from", "?")
+        t0 = time.monotonic()
         inst = await mgr.new_qemu(rec.spec, incoming=True, origin=f"{args.get('mode', 'live')} migration from {source}")
+        started_ms = round((time.monotonic() - t0) * 1000, 1)
         mgr.pending[name] = inst
         settings = settings_for(rec, args.get("bandwidth"))
         if args.get("mode") == "quick":  # the state is on the volume already: load it all now
@@ -172,7 +174,8 @@ async def incoming(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
             return {"uri": None, "node": mgr.me}
         addr = mgr.agent.me.addresses[str(args["network"])]
         uri = await prepare_incoming(inst.qemu, f"tcp:{addr}:0", settings)
-        return {"uri": uri, "node": mgr.me}
+        return {"uri": uri, "node": mgr.me, "qemu_start_ms": started_ms,
+                "listen_ms": round((time.monotonic() - t0) * 1000 - started_ms, 1)}
     except BaseException:
         await _drop_pending(mgr, name, "the incoming side could not be prepared")
         _release(mgr, name)
@@ -325,6 +328,9 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
         out = await _incoming(mgr, to, {"record": rec.to_dict(), "network": net, "from": mgr.me, "mode": mode,
                                         "bandwidth": bandwidth})
         lap("destination")
+        for k in ("qemu_start_ms", "listen_ms"):
+            if out.get(k) is not None:
+                phases[f"destination_{k[:-3]}"] = out[k]
         if mode == "live":
             stats, stopped_at = await _live(mgr, inst, rec, str(out["uri"]), bandwidth)
             lap("transfer")

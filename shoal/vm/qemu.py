@@ -41,6 +41,7 @@ import ctypes
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -408,12 +409,21 @@ class Qemu:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qmp_socket)  # a stale socket would refuse us until QEMU replaced it
         logf = open(self.stderr_log, "ab")  # noqa: SIM115 - the child keeps its own copy
+        argv, preexec = list(self.argv), None
+        if self.die_with_parent:
+            # setpriv (util-linux) sets the death signal and execs QEMU: no Python code runs
+            # between fork and exec, so the spawn stays a fast vfork even from a big agent
+            setpriv = shutil.which("setpriv")
+            if setpriv:
+                argv = [setpriv, "--pdeathsig", "KILL", *argv]
+            else:
+                preexec = _set_pdeathsig
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig if self.die_with_parent else None,
+                preexec_fn=preexec,
             )
         except OSError as err:
             raise QemuExited(

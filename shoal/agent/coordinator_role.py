@@ -278,7 +278,7 @@ class CoordinatorRole:
         else:
             self._minority_since = None
         await self._watch_slots()
-        await self.vms.failover_step()
+        self.vms.start_failover_step()
 
     async def _reopen(self, why: str) -> None:
         """Replay the journal into a fresh volume: memory was ahead of the disk."""

@@ -67,6 +67,7 @@ class VMRegistry:
         self._nodes_seq = 0
         self._loaded = False
         self._lock = asyncio.Lock()
+        self._failover_busy = False
 
     @property
     def rt(self) -> Any:
@@ -183,6 +184,19 @@ class VMRegistry:
         return _error("invalid-argument", f"unknown VM request {vop!r}")
 
     # ---- failover ----------------------------------------------------------------------
+
+    def start_failover_step(self) -> None:
+        """From the coordinator's lease loop: run a failover step beside it, never in it
+        (a record write may wait on the volume; the lease loop must not wait with it)."""
+        if not self._failover_busy:
+            self._failover_busy = True
+            self.rt.agent._spawn(self._failover_once())
+
+    async def _failover_once(self) -> None:
+        try:
+            await self.failover_step()
+        finally:
+            self._failover_busy = False
 
     async def failover_step(self) -> None:
         """Give every VM of a dead and fenced node to a survivor (see the module doc)."""

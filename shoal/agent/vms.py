@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from shoal.agent.errors import AgentError
 from shoal.membership import NodeState
 from shoal.netft.errors import NetftError
-from shoal.vm.errors import GuestError, QemuError, VMError
+from shoal.vm.errors import GuestError, VMError
 from shoal.vm.placement import choose_node
 from shoal.vm.record import VMRecord, VMSpec
 
@@ -493,5 +493,3 @@ class VMManager:
             raise AgentError(f"no node can take VM {rec.name}: every other node is down or paused.")
         return node
 
-
-__all__ = ["VMManager", "Instance", "RegistryError", "QemuError"]

@@ -251,8 +251,11 @@ def test_destination_killed_or_network_cut_mid_migration_leaves_the_vm_on_the_so
     proc = _migrate_in_background(st, "mem3", "node2", "--bandwidth", "8")
     wait_for(lambda: len(find_vm_processes("mem3")) == 2, 60, "the destination QEMU started")
     time.sleep(2)
-    newest = max(find_vm_processes("mem3"))
-    os.kill(newest, signal.SIGKILL)
+    # the destination is the QEMU waiting with -incoming (pids may wrap: not "the newest")
+    incoming = [pid for pid in find_vm_processes("mem3")
+                if b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    assert len(incoming) == 1, find_vm_processes("mem3")
+    os.kill(incoming[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "keeps running on node1" in err, err
     assert running_on(st, "mem3", "node1")

@@ -239,10 +239,18 @@ class _Seen:
     key: tuple[int, int, int]
     changed_at: float
     changes: int = 0
+    polled_at: float = 0.0
+    judged_from: float = 0.0  # start of the unbroken watch the dead-clock counts from
 
 
 class SlotWatcher:
-    """Judges other nodes' slots by "did it change?" on our own monotonic clock."""
+    """Judges other nodes' slots by "did it change?" on our own monotonic clock.
+
+    Only time we watched counts: when two polls of a slot are more than
+    ``holder_stop_s`` (4T) apart — our own reads failed, our path was down, we were
+    frozen — the dead-clock starts again at the later poll. Otherwise a watcher that
+    was blind while every node lost the LUN would, on its first read after, judge
+    dead every node whose next renewal had not landed yet."""
 
     def __init__(self, area: LeaseArea, timing: LeaseTiming, clock: Clock = time.monotonic):
         self.area = area
@@ -256,9 +264,12 @@ class SlotWatcher:
         now = self.clock()
         seen = self._seen.get(node_id)
         if seen is None:
-            self._seen[node_id] = _Seen(key, now)
+            seen = self._seen[node_id] = _Seen(key, now, judged_from=now)
         elif seen.key != key:
-            self._seen[node_id] = _Seen(key, now, seen.changes + 1)
+            seen = self._seen[node_id] = _Seen(key, now, seen.changes + 1, judged_from=now)
+        elif now - seen.polled_at > self.timing.holder_stop_s:
+            seen.judged_from = now  # we were blind: judge nobody by time we could not see
+        seen.polled_at = now
         return slot
 
     def advanced(self, node_id: int) -> bool:
@@ -280,7 +291,7 @@ class SlotWatcher:
         slot = self.poll(node_id)
         if slot.flags & RELEASED or slot.generation == 0:
             return slot, True
-        return slot, self.clock() - self._seen[node_id].changed_at >= self.timing.expiry_s
+        return slot, self.clock() - self._seen[node_id].judged_from >= self.timing.expiry_s
 
 
 def in_use_error(lease: CoordinatorLease, volume_name: str) -> VolumeInUse:

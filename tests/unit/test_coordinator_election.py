@@ -116,8 +116,30 @@ def test_watcher_judges_change_on_its_own_clock(area: LeaseArea) -> None:
     r.join()
     w = SlotWatcher(area, T, clock)
     assert not w.dead(5)
-    clock.now += T.expiry_s - 0.1
+    _watch(w, clock, T.expiry_s - 0.1)
     r.renew_once()
     assert not w.dead(5)
-    clock.now += T.expiry_s
+    _watch(w, clock, T.expiry_s)
+    assert w.dead(5)
+
+
+def _watch(w: SlotWatcher, clock: FakeClock, seconds: float) -> None:
+    """Let ``seconds`` pass with the watcher polling slot 5 every T/2, as the agent does."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now = min(end, clock.now + T.io_timeout_s / 2)
+        w.poll(5)
+
+
+def test_watcher_does_not_count_time_it_could_not_see(area: LeaseArea) -> None:
+    clock = FakeClock()
+    r = LivenessRenewer(area, 5, cluster="c", timing=T, clock=clock)
+    r.join()
+    w = SlotWatcher(area, T, clock)
+    assert not w.dead(5)
+    clock.now += T.expiry_s + 5  # our reads failed all this time: no polls
+    assert not w.dead(5), "judged dead by time the watcher did not see"
+    _watch(w, clock, T.expiry_s - 0.1)
+    assert not w.dead(5)
+    _watch(w, clock, 0.1)  # 8T watched, never renewed
     assert w.dead(5)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 
 from shoal.agent.control import request
 from shoal.config import locate
+from shoal.util import loop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def run_agent(config: str, node: str) -> int:
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     agent = NodeAgent(config, node)
-    asyncio.run(agent.run())
+    loop.run(agent.run())
     return 0
 
 

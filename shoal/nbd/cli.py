@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from shoal.errors import UsageError
 from shoal.nbd.backend import Backend, FileBackend
 from shoal.nbd.server import NBDServer
+from shoal.util import loop
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,7 +90,7 @@ def serve_command(args: argparse.Namespace) -> int:
             backend = FileBackend(args.file, read_only=args.read_only)
             stack.callback(backend.close)
             backends = {args.name: backend}
-        asyncio.run(_serve(backends, args.socket, listen, args.threads))
+        loop.run(_serve(backends, args.socket, listen, args.threads))
     return 0
 
 

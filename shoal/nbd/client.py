@@ -40,6 +40,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import cast
 
 from shoal.nbd import wire
 from shoal.nbd.backend import BlockSizes
@@ -108,10 +109,32 @@ class _Link(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.write_lock = asyncio.Lock()  # held while a request is written in pieces
+        # small requests are corked: those made in one loop iteration leave in one
+        # write (one syscall) at the start of the next
+        self._cork = bytearray()
+        self._cork_scheduled = False
+
+    def send_small(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
+        """Queue a request whose payload is small; it goes out with the others of this
+        loop iteration, in order."""
+        if not self._cork_scheduled:
+            self._cork_scheduled = True
+            asyncio.get_running_loop().call_soon(self.uncork)
+        self._cork += header
+        if payload:
+            self._cork += payload
+
+    def uncork(self) -> None:
+        """Write what is corked now (before anything written to the transport directly)."""
+        self._cork_scheduled = False
+        if not self._cork:
+            return
+        out, self._cork = self._cork, bytearray()  # the transport may keep ``out``
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -489,11 +512,13 @@ class NBDClient:
                 link.parser.expect_read(cookie, offset, length, pending.buf)
             self._pending[cookie] = pending
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-            if len(payload) <= _PIECE and not link.write_lock.locked():
-                # written without yielding: cannot interleave with another request
+            if len(payload) <= _CORK_MAX and not link.write_lock.locked():
+                # queued without yielding: cannot interleave with another request
+                link.send_small(header, payload)
+            elif len(payload) <= _PIECE and not link.write_lock.locked():
+                link.uncork()
                 link.transport.write(header)
-                if payload:
-                    link.transport.write(payload)
+                link.transport.write(payload)
             else:
                 try:
                     await _write_in_pieces(link, header, payload)
@@ -575,6 +600,7 @@ def _name(cmd: int) -> str:
 
 
 _PIECE = 256 * 1024
+_CORK_MAX = 64 * 1024  # larger payloads are written at once, not copied into the cork
 
 
 async def _write_in_pieces(
@@ -584,6 +610,7 @@ async def _write_in_pieces(
     async with link.write_lock:
         transport = link.transport
         assert transport is not None
+        link.uncork()
         transport.write(header)
         view = memoryview(payload)
         for pos in range(0, len(view), _PIECE):

@@ -18,8 +18,9 @@
   a WRITE's payload (``bytes`` for a task), because the receive buffer is reused.
 - **Reply.** Replies produced while handling one receive batch are packed into
   one preallocated output buffer (READ data is ``preadv``'d straight into it)
-  and sent with a single ``transport.write``. Replies of pool jobs and tasks
-  that complete while the transport is paused wait in ``_backlog`` instead of
+  and sent with a single ``transport.write``; so are the replies of pool jobs
+  and tasks that complete in one loop iteration (a flush scheduled with
+  ``call_soon``). Those that complete while the transport is paused wait in ``_backlog`` instead of
   the transport's buffer (see ``_send_backlog``). Replies may be out of order;
   the spec allows that.
 - **Back-pressure.** We stop reading while the transport's write buffer is
@@ -62,7 +63,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shoal.nbd import replies
 from shoal.nbd.backend import AnyBackend, AsyncBackend, Backend, ExportResolver
@@ -190,6 +191,7 @@ class Connection(asyncio.BufferedProtocol):
         self._lost = False
         self.phase = Phase.HANDSHAKE
         self._paused_by_transport = False
+        self._flush_scheduled = False
         self._paused_by_work = False
         self._paused_by_question = False
         self._reading = True
@@ -210,13 +212,12 @@ class Connection(asyncio.BufferedProtocol):
     # --- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix#{next(_peer_ids)}"
         self.server._conns.add(self)
         assert self._hs is not None
-        transport.write(self._hs.data_to_send())
+        self.transport.write(self._hs.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._start == self._end:
@@ -717,7 +718,10 @@ class Connection(asyncio.BufferedProtocol):
                 copied = self._queue(piece) and copied
             if copied or not _TRANSPORT_KEEPS_VIEWS:
                 self._give_back(buf)  # else the transport may still read it
-            self._flush_out()
+        if self._opos and not self._flush_scheduled:
+            # the replies completing in this loop iteration leave in one write
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
         if self.phase is Phase.DRAINING and not self._work and not backlog:
             self.close()
 
@@ -745,6 +749,10 @@ class Connection(asyncio.BufferedProtocol):
         self._outv[self._opos : self._opos + n] = data
         self._opos += n
         return True
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush_out()
 
     def _flush_out(self) -> None:
         if not self._opos or self.transport is None:

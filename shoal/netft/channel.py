@@ -32,6 +32,7 @@ from shoal.netft.protocol import (
     decode_frame_sizes,
     decode_header,
     encode_frame,
+    encode_frame_head,
     parse_nonce,
     proof,
 )
@@ -39,8 +40,20 @@ from shoal.netft.protocol import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
+#: a stream buffers this much before it stops reading: a 1 MiB redirected block
+#: arrives without a pause/resume of the socket every 128 KiB (asyncio's default)
+STREAM_LIMIT = 4 << 20
 
 Handler = Callable[[str, str, dict[str, Any], bytes], Awaitable[tuple[Any, bytes]]]
+
+
+def write_frame(w: asyncio.StreamWriter, header: dict[str, Any], payload: bytes = b"") -> None:
+    """Like ``w.write(encode_frame(...))`` without copying the payload into one buffer."""
+    if len(payload) < 65536:
+        w.write(encode_frame(header, payload))
+    else:
+        w.write(encode_frame_head(header, len(payload)))
+        w.write(payload)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
@@ -69,7 +82,7 @@ class ChannelServer:
         if network in self.servers:
             return
         self.servers[network] = await asyncio.start_server(
-            lambda r, w: self._serve(network, r, w), address, port, reuse_address=True
+            lambda r, w: self._serve(network, r, w), address, port, reuse_address=True, limit=STREAM_LIMIT
         )
 
     def close(self, network: str | None = None) -> None:
@@ -98,7 +111,7 @@ class ChannelServer:
                 except Exception as err:  # a bug on our side: tell the peer, keep serving
                     log.exception("request %s from %s failed", header.get("op"), peer)
                     answer = {"id": header.get("id"), "ok": False, "error": f"internal error: {err}"}
-                w.write(encode_frame(answer, result_payload))
+                write_frame(w, answer, result_payload)
                 await w.drain()
         except (OSError, TimeoutError, RemoteProtocolError):
             pass
@@ -154,7 +167,7 @@ class Connection:
     async def open(
         cls, cluster: str, node: str, key: bytes, peer: str, network: str, address: str, port: int
     ) -> Connection:
-        r, w = await asyncio.open_connection(address, port)
+        r, w = await asyncio.open_connection(address, port, limit=STREAM_LIMIT)
         try:
             hello, _ = await read_frame(r)
             if hello.get("hello") != "shoal/1":
@@ -201,7 +214,7 @@ class Connection:
             self.next_id += 1
             rid = self.next_id
             try:
-                self.w.write(encode_frame({"id": rid, "op": op, "args": args}, payload))
+                write_frame(self.w, {"id": rid, "op": op, "args": args}, payload)
                 await self.w.drain()
                 header, data = await read_frame(self.r)
                 if header.get("id") != rid:

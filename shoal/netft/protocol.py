@@ -126,8 +126,13 @@ MAX_PAYLOAD = 64 << 20
 
 
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    return encode_frame_head(header, len(payload)) + payload
+
+
+def encode_frame_head(header: dict[str, Any], payload_length: int) -> bytes:
+    """A frame without its payload: the sizes and the JSON header."""
     h = json.dumps(header, separators=(",", ":")).encode()
-    return _FRAME.pack(len(h), len(payload)) + h + payload
+    return _FRAME.pack(len(h), payload_length) + h
 
 
 def decode_frame_sizes(prefix: bytes) -> tuple[int, int]:

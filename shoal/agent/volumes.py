@@ -135,6 +135,13 @@ class DirectIO:
     async def flush(self) -> None:
         await self.path.flush(control=True)
 
+    async def write_durable(self, offset: int, data: bytes) -> None:
+        if self.path.can_fua:
+            await self.path.write(offset, data, fua=True, control=True)
+        else:
+            await self.path.write(offset, data, control=True)
+            await self.path.flush(control=True)
+
 
 class VolumeRuntime:
     def __init__(self, agent: NodeAgent, vcfg: VolumeConfig):

@@ -27,6 +27,12 @@ just show as holes some units another node has since mapped. A node therefore tr
 hole in its cached map as a hint: it asks again before it reads zeros from it or
 allocates it (``MapCache.resolve``, ``ensure_allocated``).
 
+Zeroed pool. An allocation must not map a unit before zeros on it are durable (a
+node reads the LUN directly). The service keeps up to ``zeroed_pool_units`` free units
+ahead of the allocation cursor zeroed and flushed (:meth:`Volume.prezero`, refilled in
+the background whenever an allocation left fewer than half), so a typical allocation
+is one journal write. The pool lives in memory only: a new coordinator starts empty.
+
 A node acknowledges a revocation only after it has dropped the map and its in-flight
 direct I/O through that map has finished (:mod:`shoal.coordinator.maps`). The requester
 drops its own map before it asks, so it is not revoked.
@@ -58,7 +64,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shoal.coordinator import messages as msg
-from shoal.coordinator.errors import InvalidRequest, NotCoordinator, RevokeFailed
+from shoal.coordinator.errors import InvalidRequest, LeaseLost, NotCoordinator, RevokeFailed
 from shoal.volume.errors import DeviceError, IsADirectory, NotFound, VolumeError
 from shoal.volume.volume import Volume, VolumeFile
 
@@ -81,6 +87,8 @@ class MetadataSettings:
     revoke_timeout_s: float = 5.0
     #: threads running blocking Volume calls
     executor_threads: int = 4
+    #: free units kept zeroed ahead of allocation (0: none); refilled below half
+    zeroed_pool_units: int = 64
 
     def __post_init__(self) -> None:
         if self.revoke_timeout_s <= 0 or self.executor_threads < 1:
@@ -101,9 +109,26 @@ class MetadataService:
         self._versions: dict[int, int] = {}
         #: ino -> node -> map_version it was handed
         self.holders: dict[int, dict[str, int]] = {}
+        self._refill: asyncio.Task[None] | None = None
 
     def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
         self._executor.shutdown(wait=True)
+
+    def _refill_pool(self) -> None:
+        """Start topping the zeroed pool up if it fell below half (one refill at a time)."""
+        want = self.settings.zeroed_pool_units
+        if len(self.vol.meta.zeroed) * 2 >= want or (self._refill is not None and not self._refill.done()):
+            return
+
+        async def refill() -> None:
+            try:
+                await self._run(lambda: self.vol.prezero(want - len(self.vol.meta.zeroed)))
+            except (VolumeError, NotCoordinator, LeaseLost) as err:
+                log.info("zeroing free units ahead of allocation stopped: %s", err)
+
+        self._refill = asyncio.get_running_loop().create_task(refill())
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -244,16 +269,19 @@ class MetadataService:
         """Map the holes of the range (zeroed, durable) and return the file's map."""
         _ints(ino=ino, offset=offset, length=length)
         async with self._lock(ino):
-            def work() -> int:
+            def work() -> dict[str, Any]:
                 f = self._file(ino)
                 if offset + length > f.size:
                     raise InvalidRequest(
                         f"range {offset}+{length} is past the end of file {ino} (size {f.size}); resize it first")
-                return f.allocate(offset, length)
+                if f.allocate(offset, length):
+                    self._bump(ino)  # we hold the file's lock: nobody else bumps it meanwhile
+                return self._map_of(ino)  # in the same thread hop
 
-            if await self._run(work):
-                self._bump(ino)
-            return await self._hand_out(node, ino)
+            result = await self._run(work)
+            self.holders.setdefault(ino, {})[node] = result["map_version"]
+            self._refill_pool()
+            return result
 
     async def release(self, node: str, ino: int) -> dict[str, Any]:
         """The node closed the file: it holds no map of it any more."""

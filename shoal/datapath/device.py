@@ -80,5 +80,15 @@ class LunDevice(Device):
     def flush(self) -> None:
         self._run("flush", self.io.flush)
 
+    def pwrite_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """One durable write: a FUA write when ``io`` offers ``write_durable`` (one
+        round trip instead of write + flush), else write then flush."""
+        durable = getattr(self.io, "write_durable", None)
+        if durable is None:
+            super().pwrite_durable(offset, data)
+            return
+        payload = bytes(data)
+        self._run(f"durable write of {len(payload)} bytes at {offset}", lambda: durable(offset, payload))
+
     def close(self) -> None:
         pass

@@ -29,6 +29,7 @@ from shoal.config.volumes import parse_lun
 from shoal.datapath.errors import PathFailed
 from shoal.errors import UsageError
 from shoal.nbd.client import ClientSettings, NBDClient
+from shoal.nbd.constants import TxFlag
 from shoal.nbd.errors import NBDError
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,11 @@ class StoragePath:
         data = await self._do("read", control, lambda c: c.read(offset, length))
         assert isinstance(data, bytes)
         return data
+
+    @property
+    def can_fua(self) -> bool:
+        """The target takes FUA writes (a write durable before its reply)."""
+        return self._control is not None and bool(self._control.flags & TxFlag.SEND_FUA)
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False, control: bool = False) -> None:
         await self._do("write", control, lambda c: c.write(offset, data, fua=fua))

@@ -120,6 +120,11 @@ class Device:
             self.pwrite(offset, _ZERO_CHUNK[:n] if n < len(_ZERO_CHUNK) else _ZERO_CHUNK)
             offset += n
 
+    def pwrite_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write and make this write durable before returning (the journal's commit)."""
+        self.pwrite(offset, data)
+        self.flush()
+
     def flush(self) -> None:
         try:
             os.fdatasync(self.fd)

@@ -201,8 +201,7 @@ class Journal:
             rec = encode_record(self.sb.uuid, self.next_seq, self.epoch, payload, count)
             if self.pos + len(rec) > self.sb.journal_size:
                 raise VolumeCorrupt("the journal overflowed before a checkpoint", what="journal")
-            self.device.pwrite(self.sb.journal_offset + self.pos, rec)
-            self.device.flush()
+            self.device.pwrite_durable(self.sb.journal_offset + self.pos, rec)
         except BaseException as err:
             self._cond.acquire()
             self._failed = err

@@ -51,6 +51,9 @@ class Metadata:
         self.used_units = 0
         self.next_ino = ROOT + 1
         self._hint = 0
+        #: free units known to hold durable zeros (the coordinator's pool, memory only):
+        #: an allocation that takes one need not zero it again. Using a unit drops it.
+        self.zeroed: set[int] = set()
         #: bytes of the checkpoint body this metadata encodes to (FORMAT.md §5), kept exact
         self.image_bytes = unit_count + INODE_BYTES
         #: which checkpoint slot the next checkpoint writes first (set by the loader)
@@ -61,6 +64,23 @@ class Metadata:
     def mark_used(self, unit: int, count: int) -> None:
         self.bitmap[unit : unit + count] = b"\x01" * count
         self.used_units += count
+        if self.zeroed:
+            self.zeroed.difference_update(range(unit, unit + count))
+
+    def free_ahead(self, count: int, skip: set[int]) -> list[int]:
+        """Up to ``count`` free units not in ``skip``, in the order :meth:`find_free`
+        hands single units out (from the allocation cursor on, then from 0)."""
+        found: list[int] = []
+        for start, end in ((self._hint, self.unit_count), (0, self._hint)):
+            pos = start
+            while len(found) < count:
+                pos = self.bitmap.find(FREE_BYTE, pos, end)
+                if pos < 0:
+                    break
+                if pos not in skip:
+                    found.append(pos)
+                pos += 1
+        return found
 
     def mark_free(self, unit: int, count: int) -> None:
         self.bitmap[unit : unit + count] = bytes(count)

@@ -97,6 +97,14 @@ async def _scenario(path: str) -> dict[str, float]:
         f = vol.open_file("/vm.img")
         for i in (0, 77, 199):
             assert f.pread(i * U, 100) == i.to_bytes(4, "big") * 25
+            assert f.pread(i * U + 100, U - 100) == bytes(U - 100), "an allocated unit was not zeroed"
+        if service._refill is not None:
+            await service._refill
+        assert vol.meta.zeroed, "the service keeps no zeroed units ahead of allocation"
+        with open(path, "rb") as lun:
+            for unit in vol.meta.zeroed:
+                lun.seek(vol.sb.unit_offset(unit))
+                assert lun.read(U) == bytes(U), f"unit {unit} is in the zeroed pool but not zero"
 
         events.clear()
         await n2.resize(ino, 10 * U)  # n3 is revoked over the real channel first

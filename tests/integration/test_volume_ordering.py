@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shoal.volume import Volume, format_volume, ops
+from shoal.volume.volume import VolumeFile
 from shoal.volume.device import Device
 from shoal.volume.errors import DirectoryNotEmpty, VolumeFull
 from shoal.volume.fsck import fsck
@@ -172,3 +173,39 @@ def test_create_racing_a_directory_removal(volume_path: str) -> None:
     vol.close()
     assert fsck(volume_path).exit_code == 0
     assert os.path.getsize(volume_path) > 0
+
+
+def test_allocation_from_the_zeroed_pool_writes_only_the_journal(volume_path: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with Volume.open(volume_path) as vol:
+        U = vol.sb.unit_size
+        f = vol.create("/sparse", 8 * U)
+        assert vol.prezero(4) == 4
+        pool = set(vol.meta.zeroed)
+        rec = Recorder(monkeypatch, vol.sb)
+        f.allocate(0, 4096)
+        assert [k for k, r in rec.log if r == "data"] == [], f"a pooled unit was zeroed again: {rec.log}"
+        assert [k for k, _ in rec.log].count("flush") == 1, f"more than the journal's flush: {rec.log}"
+        unit = _units(f)[0]
+        assert unit in pool and unit not in vol.meta.zeroed
+        assert f.pread(0, U) == bytes(U)
+        # a pooled unit another path takes leaves the pool; freed again, it holds old data
+        dirty = vol.create("/dirty", U)
+        dirty.pwrite(0, b"\xaa" * U)
+        (taken,) = _units(dirty)
+        assert taken in pool and taken not in vol.meta.zeroed
+        vol.remove("/dirty")
+        assert taken not in vol.meta.zeroed
+        vol.meta.zeroed.clear()  # the pool is used up: the next allocation picks the dirty unit
+        vol.meta._hint = taken
+        rec.log.clear()
+        f.allocate(U, 4096)
+        assert _units(f)[1] == taken
+        assert ("write_zeroes", "data") in rec.log, f"a freed unit was mapped without zeroing: {rec.log}"
+        assert rec.flushed_between_data_and_journal(), rec.log
+        assert f.pread(U, U) == bytes(U)
+    assert fsck(volume_path).exit_code == 0
+
+
+def _units(f: VolumeFile) -> list[int]:
+    return [u + i for _, u, n in f._node().extents.runs() for i in range(n)]

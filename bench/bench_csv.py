@@ -327,7 +327,8 @@ def move_under_load(c: Cluster, moves: int, settle_s: float) -> None:
             wait(coordinator_is(c, target), STATE_TIMEOUT_S, f"{target} is coordinator")
             paused.append(float(r["paused_ms"]))
             print(f"  move {coord} -> {target}: paused {r['paused_ms']:.1f} ms "
-                  f"(target opened the volume in {r.get('target_ms')} ms)")
+                  f"(quiesce {r.get('quiesce_ms')} ms, close {r.get('close_ms')} ms, "
+                  f"target opened the volume in {r.get('target_ms')} ms)")
             time.sleep(settle_s)
     finally:
         results = {node: writer_result(node, proc, stop) for node, (proc, stop) in writers.items()}

@@ -387,11 +387,13 @@ class CoordinatorRole:
         assert rt.election is not None and self.service is not None
         t0 = time.monotonic()
         await self._quiesce()
+        t_quiet = time.monotonic()
         holders = self._holders()
         lease = rt.election.lease
         assert lease is not None
         vol = self.vol
         await rt.run_blocking(lambda: self._close_volume(checkpoint=planned))
+        t_closed = time.monotonic()
         clean_seq = vol.last_seq if planned and vol is not None and vol.failure is None else None
         self.serving = False
         self.vol_ready.clear()
@@ -411,7 +413,8 @@ class CoordinatorRole:
         rt.role = None
         rt.set_coordinator(target, lease.epoch + 1, f"handed the role to {target}")
         return {"from": self.me, "to": target, "paused_ms": round((time.monotonic() - t0) * 1000, 1),
-                "epoch": lease.epoch + 1, "target_ms": result.get("open_ms")}
+                "epoch": lease.epoch + 1, "target_ms": result.get("open_ms"),
+                "quiesce_ms": round((t_quiet - t0) * 1000, 1), "close_ms": round((t_closed - t_quiet) * 1000, 1)}
 
     async def hand_over_for_path_loss(self) -> None:
         rt = self.rt

@@ -124,7 +124,10 @@ class MetadataService:
 
         async def refill() -> None:
             try:
-                await self._run(lambda: self.vol.prezero(want - len(self.vol.meta.zeroed)))
+                # a few units a step: closing the service (a hand-over) waits for one step only
+                while len(self.vol.meta.zeroed) < want:
+                    if not await self._run(lambda: self.vol.prezero(min(8, want - len(self.vol.meta.zeroed)))):
+                        break
             except (VolumeError, NotCoordinator, LeaseLost) as err:
                 log.info("zeroing free units ahead of allocation stopped: %s", err)
 

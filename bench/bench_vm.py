@@ -113,27 +113,33 @@ async def raw_pair(st: LabState, name: str, count: int, accel: str) -> list[floa
     await src.start()
     await asyncio.sleep(2)
     times = []
-    starts = []
+    phases: dict[str, list[float]] = {"qemu_start": [], "listen": [], "transfer": [], "cont": []}
     try:
         for i in range(1, count + 1):
             t0 = time.monotonic()
+            marks = [t0]
             dst = qemu(i, True)
             await dst.start()
-            starts.append((time.monotonic() - t0) * 1000)
+            marks.append(time.monotonic())
             uri = await prepare_incoming(dst, "tcp:127.0.0.1:0", settings)
+            marks.append(time.monotonic())
 
             async def hook() -> None:
                 return None
 
             await run_live_migration(src, uri, settings, hook)
             await wait_incoming(dst)
+            marks.append(time.monotonic())
             await dst.cont()
+            marks.append(time.monotonic())
             times.append((time.monotonic() - t0) * 1000)
+            for k, a, b in zip(phases, marks, marks[1:], strict=False):
+                phases[k].append((b - a) * 1000)
             await src.quit()
             src = dst
     finally:
         await src.quit()
-    print(f"   raw: destination QEMU started in p50 {p50(starts):.1f} ms")
+    print("   raw QMP migration's time (p50 ms): " + ", ".join(f"{k} {p50(v):.1f}" for k, v in phases.items()))
     return times
 
 

@@ -4,10 +4,10 @@ A migration is two-sided (source and destination agents) with one commit point:
 
     source                                   destination
     ------                                   -----------
-    pre-flight  ─── vm.preflight ──────────▶ memory, CPU, accelerator, disks, guest files
-    record: migration = {to, mode, network}  (both ends now leave the VM to us)
-                ─── vm.incoming ───────────▶ QEMU -incoming defer -S, listening on its
-                                             address in the chosen network
+                ─── vm.incoming ───────────▶ pre-flight: memory, CPU, accelerator, disks,
+    at the same time:                        guest files; then QEMU -incoming defer -S,
+    record: migration = {to, mode, network}  listening on its address in the chosen
+    (both ends now leave the VM to us)       network (a refused pre-flight starts nothing)
     QEMU migrate (pre-copy, the convergence ladder); at pre-switchover the source is
     stopped and its disks flushed; the device state follows
                 ─── vm.commit ─────────────▶ incoming complete?
@@ -22,8 +22,13 @@ at most once; when the source cannot tell whether it happened (the commit call t
 out) it moves the generation on itself: if that succeeds no commit can follow, and it
 rolls back; if it finds the destination owns the VM, the migration succeeded.
 
+If the mark fails the destination's QEMU is dropped; if the destination refuses, the
+mark is taken back. Until the mark lands the destination's reconcile step gives an
+unmarked incoming QEMU PENDING_UNMARKED_S before it drops it.
+
 Quick migration is the same with the state saved to ``/.shoal/vms/<name>.state`` on
-the VM's volume instead of streamed between QEMUs.
+the VM's volume instead of streamed between QEMUs, so its pre-flight is a call of its
+own (``vm.preflight``, beside the mark) and ``vm.incoming`` follows the save.
 """
 
 from __future__ import annotations
@@ -155,6 +160,10 @@ async def incoming(mgr: VMManager, args: dict[str, Any]) -> dict[str, Any]:
 
     rec = VMRecord.from_dict(args["record"])
     name = rec.name
+    if args.get("preflight"):
+        pre = await preflight(mgr, args)
+        if not pre["ok"]:
+            return pre
     if name in mgr.local or name in mgr.busy or name in mgr.pending:
         raise AgentError(f"{mgr.me} already runs {name}, or is moving it.")
     if mgr.migration_slots.locked():
@@ -299,25 +308,32 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
     inst = mgr.local.get(rec.name)
     if inst is None:
         raise AgentError(f"{rec.name} stopped running on {mgr.me} before it could be moved.")
-    # pre-flight on the destination and the record's mark run at once; a refused
-    # pre-flight takes the mark back, so nothing has moved either way
-    preflight_call = mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args={
-        "record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode})
-    pre_r, mark_r = await asyncio.gather(preflight_call, _mark(mgr, rec, to, mode, net), return_exceptions=True)
+    # the destination's pre-flight (live: and its QEMU start) and the record's mark run
+    # at once; a refused pre-flight takes the mark back, a failed mark drops the
+    # destination's QEMU, so nothing has moved either way
+    args = {"record": rec.to_dict(), "network": net, "from": mgr.me, "accel": mgr.accel, "mode": mode,
+            "bandwidth": bandwidth}
+    first = (_incoming(mgr, to, {**args, "preflight": True}) if mode == "live" else
+             mgr.agent.call_peer(to, "vm.preflight", lane=VM_LANE, args=args))
+    first_r, mark_r = await asyncio.gather(first, _mark(mgr, rec, to, mode, net), return_exceptions=True)
     if isinstance(mark_r, BaseException):
+        if mode == "live" and not isinstance(first_r, BaseException):
+            with contextlib.suppress(Exception):
+                await mgr.agent.call_peer(to, "vm.abort", lane=VM_LANE, timeout_s=15,
+                                          args={"name": rec.name, "why": f"the record could not be marked: {mark_r}"})
         raise mark_r
     rec = mark_r
     try:
-        if isinstance(pre_r, BaseException):
-            raise pre_r
-        pre = _answer(pre_r, "preflight")
-        if not pre.get("ok"):
-            raise MigrationError(" ".join(pre.get("problems", [])) or f"{to} refused the VM.", phase="preflight")
+        if isinstance(first_r, BaseException):
+            raise first_r
+        out = first_r if isinstance(first_r, dict) else _answer(first_r, "preflight")
+        if not out.get("ok", True):
+            raise MigrationError(" ".join(out.get("problems", [])) or f"{to} refused the VM.", phase="preflight")
     except BaseException as err:
         with contextlib.suppress(Exception):
             await mgr.update(rec, migration=None, note=f"migration to {to} refused: {err}"[:NOTE_MAX])
         raise
-    lap("preflight")
+    lap("destination" if mode == "live" else "preflight")
     stopped_at: float | None = None
     stats: Any = None
     try:
@@ -325,9 +341,8 @@ async def _migrate(mgr: VMManager, rec: VMRecord, to: str, mode: str, net: str |
             await _ensure_state_file(mgr, rec)
             stats, stopped_at = await _save(mgr, inst, rec)
             lap("save")
-        out = await _incoming(mgr, to, {"record": rec.to_dict(), "network": net, "from": mgr.me, "mode": mode,
-                                        "bandwidth": bandwidth})
-        lap("destination")
+            out = await _incoming(mgr, to, {**args, "record": rec.to_dict()})
+            lap("destination")
         for k in ("qemu_start_ms", "listen_ms"):
             if out.get(k) is not None:
                 phases[f"destination_{k[:-3]}"] = out[k]

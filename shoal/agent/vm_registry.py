@@ -114,7 +114,7 @@ class VMRegistry:
             f = vol.create(path, RECORD_FILE_SIZE, preallocate=True)
         else:
             f = vol.open_file(path)
-        f.pwrite(slot_offset(seq), encode_slot(seq, obj), durable=True)
+        f.pwrite(slot_offset(seq), encode_slot(seq, obj), durable=True, sync=True)  # on disk before we answer
 
     async def _load(self) -> None:
         if not self._loaded:

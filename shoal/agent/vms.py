@@ -52,6 +52,8 @@ REGISTRY_WAIT_S = 3.0
 CALL_WAIT_S = 30.0
 #: an incoming migration not committed after this long is dropped (its source is gone)
 PENDING_MAX_S = 900.0
+#: an incoming QEMU may wait this long for its record's mark (written beside its start)
+PENDING_UNMARKED_S = 5.0
 #: how often the freeze watchdog looks at the clock
 WATCHDOG_S = 0.1
 #: how long ``vm stop`` waits for a guest to power off before it ends QEMU
@@ -302,7 +304,9 @@ class VMManager:
                 continue
             rec = recs.get(name)
             mig = rec.migration if rec is not None else None
-            if (rec is not None or self.pending[name].volume in answered) and (mig or {}).get("to") != self.me:
+            young = time.monotonic() - self.pending[name].owned_since < PENDING_UNMARKED_S
+            if (rec is not None or self.pending[name].volume in answered) and (mig or {}).get("to") != self.me \
+                    and not young:
                 from shoal.agent.vm_migrate import abort
 
                 await abort(self, {"name": name, "why": "the record shows no migration to this node"})

@@ -693,11 +693,14 @@ class VolumeFile:
         finally:
             io.release_shared()
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, durable: bool = True,
+               sync: bool = False) -> None:
         """Write ``data`` at ``offset``; holes in the range are allocated first.
 
         ``durable=False`` returns before new allocations are on stable storage (as a disk
         without FUA does); :meth:`flush` makes them durable. Bulk copies use it.
+        ``sync=True``: the data itself is durable too when this returns (a FUA write
+        where the range is mapped; records that decide something, like a VM's owner).
         """
         self.vol._check_writable()
         length = len(data)
@@ -711,17 +714,19 @@ class VolumeFile:
                 self._check_range(offset, length, self._node().size)
                 segs = self._segments(offset, length)
             if all(lun is not None for _, lun, _ in segs):
-                self._write_mapped(segs, offset, view)
+                self._write_mapped(segs, offset, view, sync=sync)
                 return
             with self.vol._alloc_lock(self.ino):
-                self._write_allocating(offset, view, durable)
+                self._write_allocating(offset, view, durable or sync)
         finally:
             io.release_shared()
 
-    def _write_mapped(self, segs: list[tuple[int, int | None, int]], offset: int, view: memoryview) -> None:
+    def _write_mapped(self, segs: list[tuple[int, int | None, int]], offset: int, view: memoryview, *,
+                      sync: bool = False) -> None:
+        write = self.vol.device.pwrite_durable if sync else self.vol.device.pwrite
         for s, lun, n in segs:
             assert lun is not None
-            self.vol.device.pwrite(lun, view[s - offset : s - offset + n])
+            write(lun, view[s - offset : s - offset + n])
 
     def _write_allocating(self, offset: int, view: memoryview, durable: bool) -> None:
         """Allocate the holes of the range, fill them (data or zeros), then map them."""

@@ -25,6 +25,7 @@ file I/O in maintenance mode, ``csv.confirm`` "was I fenced?".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,8 @@ log = logging.getLogger("shoal.agent.coordinator")
 
 T = TypeVar("T")
 FREEING_OPS = {"remove", "resize", "trim", "zero"}
+#: a planned hand-over leaves up to this much journal for the successor to replay
+HANDOVER_REPLAY_MAX = 4 << 20
 
 
 class PreemptFailed(Exception):
@@ -367,8 +370,13 @@ class CoordinatorRole:
         rt.role = None
         rt.set_coordinator(None, rt.epoch, f"stepped down: {why}")
 
-    def _close_volume(self, *, checkpoint: bool) -> None:
-        """Blocking (volume I/O through the loop): run it in the executor."""
+    def _close_volume(self, *, checkpoint: bool, handing_over: bool = False) -> None:
+        """Blocking (volume I/O through the loop): run it in the executor.
+
+        ``handing_over`` (a planned move): every change is already durable in the
+        journal, so the volume is closed without a checkpoint unless the journal since
+        the last one is longer than HANDOVER_REPLAY_MAX; the successor replays it
+        (reads), which under write load is far cheaper than two more flushes here."""
         if self.service is not None:
             self.service.close()
         vol, self.vol = self.vol, None
@@ -376,7 +384,7 @@ class CoordinatorRole:
             if not checkpoint:
                 vol._broken = VolumeError("the coordinator stepped down")  # no more writes from us
             try:
-                vol.close()
+                vol.close(checkpoint=not handing_over or vol.journal_bytes > HANDOVER_REPLAY_MAX)
             except (VolumeError, LeaseLost, NotCoordinator) as err:
                 log.warning("%s: closing the volume: %s", self.rt.name, err)
 
@@ -385,6 +393,11 @@ class CoordinatorRole:
         holders table travels with the role. Returns the target's answer."""
         rt = self.rt
         assert rt.election is not None and self.service is not None
+        if planned:
+            # flush the LUN while I/O still runs: the flushes inside the pause (the
+            # successor's lease write) then find little dirty data left on the target
+            with contextlib.suppress(PathFailed):
+                await rt.path.flush(control=True)
         t0 = time.monotonic()
         await self._quiesce()
         t_quiet = time.monotonic()
@@ -392,7 +405,7 @@ class CoordinatorRole:
         lease = rt.election.lease
         assert lease is not None
         vol = self.vol
-        await rt.run_blocking(lambda: self._close_volume(checkpoint=planned))
+        await rt.run_blocking(lambda: self._close_volume(checkpoint=planned, handing_over=planned))
         t_closed = time.monotonic()
         clean_seq = vol.last_seq if planned and vol is not None and vol.failure is None else None
         self.serving = False

@@ -184,7 +184,7 @@ class VolumeRuntime:
         self.role: CoordinatorRole | None = None
         self.nbd: NBDServer | None = None
         self._probing = False
-        self._io_lane = 0
+        self._lane_calls = [0] * IO_LANES  # calls running on each block lane
         self._whois_at = 0.0
         self._watcher: SlotWatcher | None = None
         #: one way at a time into the coordinator role (contending, or a hand-over to us)
@@ -499,14 +499,18 @@ class VolumeRuntime:
                 assert self.role is not None
                 result, data = await self.role.handle(self.node, op, args, payload)
             else:
+                lane = self._lane(op)
                 try:
-                    result, data, _ = await self.agent.call_peer(coord, op, args, payload, lane=self._lane(op))
+                    result, data, _ = await self.agent.call_peer(coord, op, args, payload, lane=lane)
                 except NetftError as err:
                     if self.coordinator == coord:
                         self.coordinator_reachable = False
                         self.refresh_state(f"coordinator {coord} does not answer: {err}")
                     await asyncio.sleep(self.io_timeout_s / 4)
                     continue
+                finally:
+                    if lane != META_LANE:
+                        self._lane_calls[lane - 1] -= 1
             if isinstance(result, dict) and result.get("error") == "fenced":
                 await self._fenced(str(result.get("message")))
                 raise Fenced(str(result.get("message")))
@@ -522,10 +526,14 @@ class VolumeRuntime:
             return result, data
 
     def _lane(self, op: str) -> int:
-        """Block I/O spreads over four connections; metadata has its own."""
+        """Block I/O goes on the least busy of IO_LANES connections (each carries one
+        call at a time); metadata has its own. A block lane taken here is given back
+        by the caller (``_lane_calls``)."""
         if op in ("csv.io", "csv.fio"):
-            self._io_lane = (self._io_lane + 1) % IO_LANES
-            return 1 + self._io_lane
+            calls = self._lane_calls
+            i = calls.index(min(calls))
+            calls[i] += 1
+            return 1 + i
         return META_LANE
 
     async def _meta_call(self, op: str, args: dict[str, Any]) -> Any:

@@ -141,6 +141,17 @@ class FileBackend(AsyncBackend):
                 return await self.access.file_io("read", self.ino, offset, length)
             router = self.access.router
 
+            try:
+                # fast path: one mapped segment under the held map, read without a task
+                # of its own (a read that outlives the hold when cancelled cannot harm
+                # anything, unlike a write)
+                with self.access.maps.using(self.ino) as m:
+                    segs = m.segments(offset, length)
+                    if len(segs) == 1 and segs[0][1] is not None and not self.access.file_level():
+                        return await router.read(segs[0][1], length)
+            except MapUnavailable:
+                pass  # not cached, or revoked: the general path looks it up
+
             async def seg(lun: int | None, f: int, n: int) -> bytes:
                 return bytes(n) if lun is None else await router.read(lun, n)
 

@@ -8,7 +8,10 @@ Failure model, written for the node agent's storage path:
 
 - A request that outlives ``request_timeout_s`` declares the path broken:
   the whole connection is aborted, because an NBD request cannot be cancelled
-  and a write still in flight could otherwise land later.
+  and a write still in flight could otherwise land later. One watchdog timer per
+  connection checks the oldest request every quarter of the timeout (so a
+  request is given up between 1 and 1.25 timeouts after it was sent; time
+  spent queued for a slot is bounded by the requests ahead of it).
 - :meth:`NBDClient.abort` is that abortive close: requests still queued here
   are discarded without being sent, bytes still in asyncio's send buffer are
   dropped (``transport.abort()``; on TCP ``SO_LINGER=0`` also makes the
@@ -86,6 +89,7 @@ class _Pending:
     cmd: int
     offset: int
     future: asyncio.Future[object]
+    started: float = 0.0  # loop time it was sent
     buf: bytearray | None = None
     extents: list[tuple[int, int]] = field(default_factory=list)
     error: int = 0
@@ -266,6 +270,7 @@ class NBDClient:
         self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failure: NBDError | None = None
         self._closing = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # --- lifecycle --------------------------------------------------------
 
@@ -362,14 +367,18 @@ class NBDClient:
             f"cannot reconnect to {self._where()} after {self.settings.reconnect_attempts} attempts: {last}"
         ) from last
 
-    def abort(self, reason: str = "aborted") -> dict[str, int]:
+    def abort(self, reason: str = "aborted", error: NBDError | None = None) -> dict[str, int]:
         """Abortive close. Returns ``{"discarded": n, "in_flight": m}``.
 
         ``discarded`` requests never left this process; ``in_flight`` ones were
-        (at least partly) sent and their outcome is unknown.
+        (at least partly) sent and their outcome is unknown. Every waiter fails with
+        ``error`` (default: ConnectionAborted with ``reason``).
         """
         link, self._link = self._link, None
-        err = ConnectionAborted(f"NBD connection to {self._where()} was aborted ({reason})")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        err = error or ConnectionAborted(f"NBD connection to {self._where()} was aborted ({reason})")
         self._failure = err
         if link is not None and link.transport is not None:
             sock = link.transport.get_extra_info("socket")
@@ -467,15 +476,30 @@ class NBDClient:
         length: int,
         payload: bytes | bytearray | memoryview = b"",
     ) -> object:
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                return await self._submit(cmd, flags, offset, length, payload)
-        except TimeoutError as err:
-            self.abort(f"{_name(cmd)} timed out")
-            raise RequestTimeout(
-                f"NBD {_name(cmd)} at {offset} took longer than {self.settings.request_timeout_s} s; "
-                "the connection was aborted"
-            ) from err
+        # no asyncio.timeout per request (it costs a tenth of a small read): the
+        # watchdog below aborts the connection when the oldest request is too old
+        return await self._submit(cmd, flags, offset, length, payload)
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                self.settings.request_timeout_s / 4, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        """Every request_timeout_s/4 while requests are out: the oldest one (the first
+        in ``_pending``, which keeps sending order) past the timeout aborts the
+        connection; every request fails with RequestTimeout."""
+        self._watchdog = None
+        oldest = next(iter(self._pending.values()), None)
+        if oldest is None:
+            return
+        timeout = self.settings.request_timeout_s
+        if asyncio.get_running_loop().time() - oldest.started >= timeout:
+            what = _name(oldest.cmd)
+            self.abort(f"{what} timed out", RequestTimeout(
+                f"NBD {what} at {oldest.offset} took longer than {timeout:g} s; the connection was aborted"))
+            return
+        self._arm_watchdog()
 
     async def _submit(
         self,
@@ -505,12 +529,14 @@ class NBDClient:
             if link is None or link.transport is None:
                 raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
             cookie = next(self._cookies)
-            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            pending = _Pending(cmd, offset, fut)
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[object] = loop.create_future()
+            pending = _Pending(cmd, offset, fut, loop.time())
             if cmd == Cmd.READ:
                 pending.buf = bytearray(length)
                 link.parser.expect_read(cookie, offset, length, pending.buf)
             self._pending[cookie] = pending
+            self._arm_watchdog()
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
             if len(payload) <= _CORK_MAX and not link.write_lock.locked():
                 # queued without yielding: cannot interleave with another request

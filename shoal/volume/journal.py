@@ -51,6 +51,42 @@ class Record:
     size: int
 
 
+def _records(device: Device, sb: Superblock, after_seq: int, min_epoch: int,
+             until_seq: int | None) -> tuple[list[Record], int]:
+    records: list[Record] = []
+    pos, expect = 0, after_seq + 1
+    while pos < sb.journal_size:
+        kind, rec = _read_record(device, sb, pos)
+        if kind != "ok" or rec is None or rec.seq != expect or rec.epoch < min_epoch:
+            break
+        records.append(rec)
+        pos += rec.size
+        expect += 1
+        if rec.seq == until_seq:
+            break
+    return records, pos
+
+
+class _LazyJournal:
+    """The journal read from its start in 1 MiB chunks, only as far as it is parsed."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, device: Device, sb: Superblock):
+        self.device = device
+        self.base = sb.journal_offset
+        self.size = sb.journal_size
+        self.data = bytearray()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        start = offset - self.base
+        end = min(start + length, self.size)
+        while len(self.data) < end:
+            n = min(self.CHUNK, self.size - len(self.data))
+            self.data += self.device.pread(self.base + len(self.data), n)
+        return bytes(self.data[start:end])
+
+
 class _JournalImage:
     """The whole journal read with a few large reads, then parsed from memory: a scan
     touches every block (the damage probe), and over a network LUN one round trip per
@@ -93,22 +129,24 @@ class ScanResult:
     damage: str | None  # a sentence when a record in the middle is damaged
 
 
-def scan(device: Device, sb: Superblock, after_seq: int, *, min_epoch: int = 0) -> ScanResult:
+def scan(device: Device, sb: Superblock, after_seq: int, *, min_epoch: int = 0,
+         until_seq: int | None = None) -> ScanResult:
     """Find the records that follow checkpoint ``after_seq``, in order.
 
     A record with an epoch below ``min_epoch`` (the checkpoint's) was written by a
     coordinator that had already been replaced: it ends the log and is never replayed.
+    ``until_seq``: the writer closed the journal cleanly after that record (a planned
+    hand-over): only the journal up to it is read, with no damage probe; if it is not
+    found there, the whole journal is scanned as usual.
     """
+    if until_seq is not None:
+        lazy = _LazyJournal(device, sb)
+        records, pos = _records(lazy, sb, after_seq, min_epoch, until_seq)  # type: ignore[arg-type]
+        if records and records[-1].seq == until_seq:
+            return ScanResult(records, pos, None)
     device = _JournalImage(device, sb)  # type: ignore[assignment]
-    records: list[Record] = []
-    pos, expect = 0, after_seq + 1
-    while pos < sb.journal_size:
-        kind, rec = _read_record(device, sb, pos)
-        if kind != "ok" or rec is None or rec.seq != expect or rec.epoch < min_epoch:
-            break
-        records.append(rec)
-        pos += rec.size
-        expect += 1
+    records, pos = _records(device, sb, after_seq, min_epoch, None)
+    expect = after_seq + 1 + len(records)
     damage = None
     # a valid record beyond the end with a seq we have not reached proves mid-log damage
     probe = pos + BLOCK

@@ -227,12 +227,18 @@ class Volume:
             device.close()
             raise
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Close; a writable volume writes a checkpoint first, or with
+        ``checkpoint=False`` only makes sure every journal record is durable (the next
+        opener replays them; ``last_seq`` is then its ``clean_seq``)."""
         if self._closed:
             return
         try:
             if self.writable and not self._broken:
-                self.checkpoint()
+                if checkpoint:
+                    self.checkpoint()
+                else:
+                    self._journal.flush_all()
         finally:
             self._closed = True
             if self._lease:
@@ -246,6 +252,11 @@ class Volume:
         self.close()
 
     # ---- transactions ----------------------------------------------------------------
+
+    @property
+    def journal_bytes(self) -> int:
+        """Journal written since the last checkpoint (what a replay would read)."""
+        return self._journal.used
 
     @property
     def last_seq(self) -> int:
@@ -968,9 +979,10 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True,
     """Newest checkpoint plus journal replay -> (metadata, journal end, next seq, warnings).
 
     ``strict``: raise on a damaged journal record instead of keeping what replayed.
-    ``clean_seq``: the previous holder closed the volume cleanly with a checkpoint of
-    this seq and writes no more (a planned hand-over); if the newest checkpoint is that
-    one, no record can follow it and the journal is not read at all.
+    ``clean_seq``: the previous holder closed the volume cleanly after this seq and
+    writes no more (a planned hand-over); if the newest checkpoint is that one, no record
+    can follow it and the journal is not read at all; if it is a journal record, the
+    journal is read only up to it (and the opener need not write a checkpoint).
     """
     warnings: list[str] = []
     slots = []
@@ -993,7 +1005,8 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True,
     meta.loaded_from_other = "B" if label == "A" else "A"
     if clean_seq is not None and head.seq == clean_seq:
         return meta, 0, head.seq + 1, warnings
-    result = journal.scan(device, sb, head.seq, min_epoch=head.epoch)
+    result = journal.scan(device, sb, head.seq, min_epoch=head.epoch,
+                          until_seq=clean_seq if clean_seq is not None and clean_seq > head.seq else None)
     if result.damage:
         if strict:
             raise VolumeCorrupt(f"{result.damage}; run: shoal volume fsck --repair", what="journal")

@@ -209,3 +209,30 @@ def test_allocation_from_the_zeroed_pool_writes_only_the_journal(volume_path: st
 
 def _units(f: VolumeFile) -> list[int]:
     return [u + i for _, u, n in f._node().extents.runs() for i in range(n)]
+
+
+def test_a_planned_hand_over_without_checkpoint_replays_only_up_to_clean_seq(
+        volume_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    vol = Volume.open(volume_path, offline=False)
+    vol.create("/a", MiB)
+    vol.mkdir("/d")
+    vol.close(checkpoint=False)
+    clean_seq = vol.last_seq
+    reads: list[int] = []
+    orig = Device.pread
+
+    def pread(dev: Device, off: int, n: int) -> bytes:
+        reads.append(n)
+        return orig(dev, off, n)
+
+    monkeypatch.setattr(Device, "pread", pread)
+    rec_writes = Recorder(monkeypatch, vol.sb)
+    succ = Volume.open_device(Device(volume_path), offline=False, epoch=7, clean_seq=clean_seq)
+    assert not any(r == "other" and k == "pwrite" for k, r in rec_writes.log), "the successor wrote a checkpoint"
+    assert max(reads) <= 1 << 20, "the successor read the whole journal"
+    assert succ.exists("/a") and succ.exists("/d")
+    succ.create("/b", MiB)  # carries on after the replayed records, in its own epoch
+    succ.close()
+    with Volume.open(volume_path) as third:
+        assert third.exists("/a") and third.exists("/b") and third.exists("/d")
+    assert fsck(volume_path).exit_code == 0

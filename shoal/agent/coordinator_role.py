@@ -496,7 +496,7 @@ class CoordinatorRole:
         try:
             data = b""
             if kind == "read":
-                data = await rt.path.read(offset, length)
+                data = await rt.path.read(offset, length, copy=False)  # goes straight into the reply
             elif kind == "write":
                 await rt.path.write(offset, payload)
             elif kind == "zero":

@@ -67,7 +67,8 @@ class LunDevice(Device):
             raise DeviceError(f"{what} on {self.path} failed: {err}") from err
 
     def pread(self, offset: int, length: int) -> bytes:
-        return self._run(f"read of {length} bytes at {offset}", lambda: self.io.read(offset, length))
+        data = self._run(f"read of {length} bytes at {offset}", lambda: self.io.read(offset, length))
+        return bytes(data) if isinstance(data, bytearray) else data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         payload = bytes(data)

@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from shoal.config.volumes import parse_lun
 from shoal.datapath.errors import PathFailed
@@ -133,10 +134,12 @@ class StoragePath:
                             self.holder, self.address, reason, counts["discarded"], counts["in_flight"])
             raise PathFailed(reason) from err
 
-    async def read(self, offset: int, length: int, *, control: bool = False) -> bytes:
-        data = await self._do("read", control, lambda c: c.read(offset, length))
-        assert isinstance(data, bytes)
-        return data
+    async def read(self, offset: int, length: int, *, control: bool = False, copy: bool = True) -> bytes:
+        """``copy=False``: the bytearray the data was received into (no copy; the data
+        path only sends it on)."""
+        data = await self._do("read", control, lambda c: c.read(offset, length) if copy else c.read_buffer(offset, length))
+        assert isinstance(data, (bytes, bytearray))
+        return cast(bytes, data)  # a bytearray reads like bytes to every caller of the data path
 
     @property
     def can_fua(self) -> bool:

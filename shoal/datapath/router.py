@@ -50,7 +50,7 @@ class BlockRouter:
                 c = self.control
                 data = b""
                 if kind == "read":
-                    data = await self.path.read(offset, length, control=c)
+                    data = await self.path.read(offset, length, control=c, copy=False)
                 elif kind == "write":
                     await self.path.write(offset, payload, control=c)
                 elif kind == "zero":
@@ -68,6 +68,7 @@ class BlockRouter:
         return data
 
     async def read(self, offset: int, length: int) -> bytes:
+        """The data (a bytearray when it came straight from the path: not copied)."""
         return await self._route("read", offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:

@@ -431,9 +431,13 @@ class NBDClient:
     # --- commands ---------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        return bytes(await self.read_buffer(offset, length))
+
+    async def read_buffer(self, offset: int, length: int) -> bytearray:
+        """Like :meth:`read`, without the copy: the buffer the reply was received into."""
         result = await self._request(Cmd.READ, 0, offset, length)
         assert isinstance(result, bytearray)
-        return bytes(result)
+        return result
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False

@@ -18,7 +18,7 @@
 VMs run under whatever the agents' probe chose (TCG unless KVM is proven); the raw
 pair uses the same. Exit status 1 means something broke, never that a goal was missed.
 
-    python bench/bench_vm.py [--hops 9]
+    python bench/bench_vm.py [--hops 15]
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ async def interleaved(st: LabState, name: str, count: int, accel: str) -> tuple[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hops", type=int, default=9,
-                    help="migrations of the idle guest, each paired with a raw QMP one (default 9)")
+    ap.add_argument("--hops", type=int, default=15,
+                    help="migrations of the idle guest, each paired with a raw QMP one (default 15)")
     args = ap.parse_args()
     lab = Lab(Path(tempfile.mkdtemp(prefix="bvm-")) / "lab")
     st = lab.up(3, name=LAB_NAME, say=lambda s: None)

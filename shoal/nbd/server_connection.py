@@ -113,8 +113,15 @@ _MAX_WORK_BYTES = 32 * 1024 * 1024
 #: pool jobs of this many bytes and more use buffers from the server's BufferPool
 _POOL_BUFFER_MIN = 16 * 1024
 _peer_ids = itertools.count(1)
-#: Python >= 3.12 queues memoryviews of unsent data instead of copying them
+#: Python >= 3.12 queues memoryviews of unsent data instead of copying them; so does
+#: uvloop (any loop not from asyncio itself is assumed to, see :func:`_keeps_views`)
 _TRANSPORT_KEEPS_VIEWS = sys.version_info >= (3, 12)
+
+
+def _keeps_views(loop: asyncio.AbstractEventLoop) -> bool:
+    """Does ``transport.write`` of this loop keep a view of data it could not send yet
+    (so the buffer must not be written again until it is sent)?"""
+    return _TRANSPORT_KEEPS_VIEWS or not type(loop).__module__.startswith("asyncio")
 
 #: options after whose answer transmission begins: a fenced registration may not pass
 _GO_OPTIONS = frozenset({Opt.GO, Opt.EXPORT_NAME})
@@ -192,6 +199,7 @@ class Connection(asyncio.BufferedProtocol):
         self.phase = Phase.HANDSHAKE
         self._paused_by_transport = False
         self._flush_scheduled = False
+        self._keeps_views = _TRANSPORT_KEEPS_VIEWS  # and see connection_made
         self._paused_by_work = False
         self._paused_by_question = False
         self._reading = True
@@ -213,6 +221,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._keeps_views = _keeps_views(asyncio.get_running_loop())
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix#{next(_peer_ids)}"
         self.server._conns.add(self)
@@ -716,7 +725,7 @@ class Connection(asyncio.BufferedProtocol):
             copied = True
             for piece in reply:
                 copied = self._queue(piece) and copied
-            if copied or not _TRANSPORT_KEEPS_VIEWS:
+            if copied or not self._keeps_views:
                 self._give_back(buf)  # else the transport may still read it
         if self._opos and not self._flush_scheduled:
             # the replies completing in this loop iteration leave in one write
@@ -764,7 +773,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         transport.write(self._outv[: self._opos])
         self._opos = 0
-        if _TRANSPORT_KEEPS_VIEWS and transport.get_write_buffer_size():
+        if self._keeps_views and transport.get_write_buffer_size():
             # the unsent tail still references our buffer: take a fresh one
             self._grow_out(len(self._out))
 

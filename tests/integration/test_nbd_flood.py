@@ -60,3 +60,70 @@ def test_flood_without_reading_replies_is_bounded(tmp_path: Path) -> None:
             await server.close()
 
     asyncio.run(main())
+
+
+def _read_replies_slowly(s: socket.socket, count: int, length: int) -> list[tuple[int, bytes]]:
+    """Simple replies (handle, data), read in small pieces with pauses, so the server's
+    transport has queued, unsent replies most of the time."""
+    s.setblocking(True)
+    f = s.makefile("rb")
+    out = []
+    for i in range(count):
+        if i % 64 == 0:
+            import time
+
+            time.sleep(0.02)
+        magic, error, handle = struct.unpack(">IIQ", f.read(16))
+        assert magic == 0x67446698 and error == 0, (hex(magic), error)
+        out.append((handle, f.read(length)))
+    return out
+
+
+def test_replies_queued_by_the_transport_are_never_overwritten(tmp_path: Path) -> None:
+    """uvloop (like Python 3.12) keeps views of data it could not send yet: the server must
+    not write into its output buffer again while the transport still holds it."""
+    import os
+
+    import uvloop
+
+    img = tmp_path / "disk.raw"
+    content = os.urandom(8 * MiB)
+    img.write_bytes(content)
+    count, length = 1500, 64 << 10
+
+    async def main() -> None:
+        server = NBDServer({"": FileBackend(str(img))}, threads=2)
+        sock = str(tmp_path / "s.sock")
+        await server.listen_unix(sock)
+        loop = asyncio.get_running_loop()
+        try:
+            s = await loop.run_in_executor(None, _flooder_at, sock, count, length)
+            try:
+                replies = await loop.run_in_executor(None, _read_replies_slowly, s, count, length)
+            finally:
+                s.close()
+        finally:
+            await server.close()
+        for handle, data in replies:
+            off = (handle * length) % len(content)
+            assert data == content[off:off + length], f"reply {handle} carries other bytes"
+
+    uvloop.run(main())
+
+
+def _flooder_at(sock_path: str, count: int, length: int) -> socket.socket:
+    """Like _flooder, each READ at a different offset (handle i reads block i)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    f = s.makefile("rb")
+    f.read(18)
+    s.sendall(struct.pack(">I", 3))
+    s.sendall(struct.pack(">QII", _OPT_MAGIC, 1, 0))
+    f.read(10)
+    blocks = (8 * MiB) // length
+    reqs = b"".join(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, 0, i, (i % blocks) * length, length)
+                    for i in range(count))
+    import threading
+
+    threading.Thread(target=s.sendall, args=(reqs,), daemon=True).start()
+    return s

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from shoal.volume import Volume, format_volume, ops
-from shoal.volume.volume import VolumeFile
 from shoal.volume.device import Device
 from shoal.volume.errors import DirectoryNotEmpty, VolumeFull
 from shoal.volume.fsck import fsck
 from shoal.volume.layout import Superblock
+from shoal.volume.volume import VolumeFile
 
 MiB = 1 << 20
 

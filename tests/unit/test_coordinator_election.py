@@ -110,12 +110,18 @@ def test_illegal_transition_raises(area: LeaseArea) -> None:
         e._set_state(Role.COORDINATOR, "skipping contention")
 
 
-def test_watcher_judges_change_on_its_own_clock(area: LeaseArea) -> None:
+def _watched_slot(area: LeaseArea) -> tuple[FakeClock, LivenessRenewer, SlotWatcher]:
+    """Node 5 joined; a watcher that has looked at its slot once."""
     clock = FakeClock()
     r = LivenessRenewer(area, 5, cluster="c", timing=T, clock=clock)
     r.join()
     w = SlotWatcher(area, T, clock)
     assert not w.dead(5)
+    return clock, r, w
+
+
+def test_watcher_judges_change_on_its_own_clock(area: LeaseArea) -> None:
+    clock, r, w = _watched_slot(area)
     _watch(w, clock, T.expiry_s - 0.1)
     r.renew_once()
     assert not w.dead(5)
@@ -132,11 +138,7 @@ def _watch(w: SlotWatcher, clock: FakeClock, seconds: float) -> None:
 
 
 def test_watcher_does_not_count_time_it_could_not_see(area: LeaseArea) -> None:
-    clock = FakeClock()
-    r = LivenessRenewer(area, 5, cluster="c", timing=T, clock=clock)
-    r.join()
-    w = SlotWatcher(area, T, clock)
-    assert not w.dead(5)
+    clock, _, w = _watched_slot(area)
     clock.now += T.expiry_s + 5  # our reads failed all this time: no polls
     assert not w.dead(5), "judged dead by time the watcher did not see"
     _watch(w, clock, T.expiry_s - 0.1)

@@ -105,6 +105,8 @@ _WRITE = int(Cmd.WRITE)
 _RX_INITIAL = 256 * 1024
 _RX_MIN_FREE = 64 * 1024
 _OUT_SIZE = 1024 * 1024 + 64
+#: reply data at least this large goes to the transport as is, not through _out
+_WRITE_DIRECT_MIN = 64 * 1024
 #: requests of one connection in the pool or in tasks before we stop reading ...
 _MAX_WORK = 128
 #: ... or bytes of WRITE payload copies and READ buffers they hold (this also bounds
@@ -747,11 +749,12 @@ class Connection(asyncio.BufferedProtocol):
     # --- output buffer ------------------------------------------------------
 
     def _queue(self, data: bytes | bytearray | memoryview) -> bool:
-        """Append to the output buffer; False if ``data`` went to the transport as is."""
+        """Append to the output buffer; False if ``data`` went to the transport as is
+        (large data, which a copy would only slow down)."""
         n = len(data)
-        if self._opos + n > len(self._out):
+        if n >= _WRITE_DIRECT_MIN or self._opos + n > len(self._out):
             self._flush_out()
-            if n > len(self._out):
+            if n >= _WRITE_DIRECT_MIN or n > len(self._out):
                 if self.transport is not None:
                     self.transport.write(data)
                 return False

@@ -96,8 +96,13 @@ class _Pending:
     message: str = ""
 
 
-class _Link(asyncio.Protocol):
-    """Byte pump between the transport and the client's parsers."""
+class _Link(asyncio.BufferedProtocol):
+    """Byte pump between the transport and the client's parsers.
+
+    The transport receives into a scratch buffer whose bytes the parsers copy what
+    they need from, except for the data of a read: once its header is parsed, the
+    transport receives the rest straight into the read's own buffer.
+    """
 
     def __init__(self, client: NBDClient, hs: ClientHandshake):
         self.client = client
@@ -117,6 +122,8 @@ class _Link(asyncio.Protocol):
         # write (one syscall) at the start of the next
         self._cork = bytearray()
         self._cork_scheduled = False
+        self._scratch = memoryview(bytearray(_SCRATCH))
+        self._receiving_into = False  # the last get_buffer() gave a read's own buffer
 
     def send_small(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
         """Queue a request whose payload is small; it goes out with the others of this
@@ -140,7 +147,22 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        into = self.parser.want_into() if self.hs is None else None
+        self._receiving_into = into is not None
+        return into if into is not None else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._receiving_into:
+            self.data_received(self._scratch[:nbytes])  # the parsers copy what they keep
+            return
+        try:
+            for event in self.parser.received_into(nbytes):
+                self.client._on_reply(event)
+        except NBDError as err:
+            self._fail(err)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             if self.hs is not None:
                 self._handshake(data)
@@ -150,10 +172,10 @@ class _Link(asyncio.Protocol):
         except NBDError as err:
             self._fail(err)
 
-    def _handshake(self, data: bytes) -> None:
+    def _handshake(self, data: bytes | memoryview) -> None:
         hs = self.hs
         assert hs is not None and self.transport is not None
-        hs.receive_data(data)
+        hs.receive_data(bytes(data))
         event = hs.next_event()
         out = hs.data_to_send()
         if out:
@@ -630,6 +652,7 @@ def _name(cmd: int) -> str:
 
 
 _PIECE = 256 * 1024
+_SCRATCH = 256 * 1024  # receive buffer for everything but the data of reads
 _CORK_MAX = 64 * 1024  # larger payloads are written at once, not copied into the cork
 
 

@@ -121,13 +121,19 @@ class ReplyParser:
     knows, so :meth:`expect_read` must be told about every read in flight.
     Given a destination buffer, read data is copied straight into it (the
     event then has ``data == b""`` and ``filled`` set) instead of being
-    sliced out as new bytes objects.
+    sliced out as new bytes objects; once a read's header is parsed,
+    :meth:`want_into` offers the rest of its destination, so a caller can have
+    the kernel receive the data there without any copy.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         # cookie -> (offset, length, destination or None)
         self._reads: dict[int, tuple[int, int, bytearray | None]] = {}
+        # the rest of a read's data whose header has been parsed: where the next bytes
+        # of the stream go, and the event to report once they have all arrived
+        self._into: memoryview | None = None
+        self._into_event: ReplyEvent | None = None
 
     def expect_read(
         self, cookie: int, offset: int, length: int, dest: bytearray | None = None
@@ -137,9 +143,51 @@ class ReplyParser:
     def forget(self, cookie: int) -> None:
         self._reads.pop(cookie, None)
 
-    def receive_data(self, data: bytes) -> list[ReplyEvent]:
-        self._buf += data
+    def want_into(self) -> memoryview | None:
+        """Where the next bytes of the stream belong, if they are the rest of a read's
+        data: a caller that can receive straight into this view (a BufferedProtocol)
+        does so and reports with :meth:`received_into`; nothing is copied."""
+        return self._into
+
+    def received_into(self, n: int) -> list[ReplyEvent]:
+        """``n`` bytes were written at the start of :meth:`want_into`'s view."""
+        event = self._filled(n)
+        return [event] if event is not None else []
+
+    def _filled(self, n: int) -> ReplyEvent | None:
+        assert self._into is not None and 0 < n <= len(self._into)
+        self._into = self._into[n:] if n < len(self._into) else None
+        if self._into is not None:
+            return None
+        event, self._into_event = self._into_event, None
+        assert event is not None
+        if event.done:
+            self._reads.pop(event.cookie, None)
+        return event
+
+    def _start_into(self, dest: bytearray, start: int, n: int, head: int, event: ReplyEvent) -> None:
+        """The buffer holds a read's header (``head`` bytes) and the first part of its
+        ``n`` bytes of data: copy that part to ``dest[start:]``; the rest goes there
+        straight from the stream."""
+        buf = self._buf
+        have = len(buf) - head
+        with memoryview(buf) as view:
+            dest[start : start + have] = view[head:]
+        buf.clear()
+        self._into = memoryview(dest)[start + have : start + n]
+        self._into_event = event
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ReplyEvent]:
         events: list[ReplyEvent] = []
+        if self._into is not None:
+            n = min(len(data), len(self._into))
+            self._into[:n] = data[:n]
+            event = self._filled(n)
+            if event is None:
+                return events
+            events.append(event)
+            data = memoryview(data)[n:]
+        self._buf += data
         while True:
             event = self._next()
             if event is None:
@@ -159,9 +207,12 @@ class ReplyParser:
             filled = 0
             if read is not None and not error:
                 end = SIMPLE + read[1]
-                if len(buf) < end:
-                    return None
                 dest = read[2]
+                if len(buf) < end:
+                    if dest is not None and len(dest) == read[1]:
+                        event = ReplyEvent(cookie, True, offset=read[0], filled=read[1])
+                        self._start_into(dest, 0, read[1], SIMPLE, event)
+                    return None
                 if dest is not None and len(dest) == read[1]:
                     with memoryview(buf) as view:
                         dest[:] = view[SIMPLE:end]
@@ -180,10 +231,15 @@ class ReplyParser:
             return None
         _, flags, ctype, cookie, length = wire.CHUNK_HEADER.unpack_from(buf)
         end = wire.CHUNK_HEADER.size + length
-        if len(buf) < end:
-            return None
         done = bool(flags & REPLY_FLAG_DONE)
         read = self._reads.get(cookie)
+        if len(buf) < end:
+            if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
+                head = wire.CHUNK_HEADER.size + 8
+                if len(buf) >= head:
+                    offset, start, n = self._data_place(buf, read, end)
+                    self._start_into(read[2], start, n, head, ReplyEvent(cookie, done, offset=offset, filled=n))
+            return None
         if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
             event = self._data_into(buf, cookie, done, end, read)
         else:
@@ -202,17 +258,26 @@ class ReplyParser:
         read: tuple[int, int, bytearray | None],
     ) -> ReplyEvent:
         """Copy an OFFSET_DATA chunk straight into the read's destination."""
+        offset, start, n = self._data_place(buf, read, end)
+        dest = read[2]
+        assert dest is not None
+        head = wire.CHUNK_HEADER.size + 8
+        with memoryview(buf) as view:
+            dest[start : start + n] = view[head:end]
+        return ReplyEvent(cookie, done, offset=offset, filled=n)
+
+    @staticmethod
+    def _data_place(buf: bytearray, read: tuple[int, int, bytearray | None], end: int) -> tuple[int, int, int]:
+        """An OFFSET_DATA chunk's offset, where its data starts in the read's
+        destination, and its length (the chunk ends at ``end`` in ``buf``)."""
         head = wire.CHUNK_HEADER.size
         (offset,) = wire.U64.unpack_from(buf, head)
         start = offset - read[0]
         n = end - head - 8
-        dest = read[2]
-        assert dest is not None
-        if start < 0 or start + n > len(dest):
+        assert read[2] is not None
+        if start < 0 or start + n > len(read[2]):
             raise RemoteProtocolError("read reply chunk lies outside the request")
-        with memoryview(buf) as view:
-            dest[start : start + n] = view[head + 8 : end]
-        return ReplyEvent(cookie, done, offset=offset, filled=n)
+        return offset, start, n
 
 
 def _chunk_event(cookie: int, done: bool, ctype: int, payload: bytes) -> ReplyEvent:

@@ -12,7 +12,12 @@ zeros if it was never written). It stops after ``--seconds`` or when ``--stop-fi
 appears, and prints one JSON line::
 
     {"writes": n, "reads": n, "errors": n, "mismatches": n, "max_latency_ms": x,
-     "p50_latency_ms": x, "first_error": "...", "checked_blocks": n}
+     "p50_latency_ms": x, "first_error": "...", "checked_blocks": n,
+     "slow": [[start, ms, "write"|"read"], ...]}
+
+``slow`` lists the requests that took longer than ``--slow-ms`` (the slowest first, at
+most 50), each with the wall-clock time (Unix seconds) it was sent, so that a stall can be
+matched with what happened in the cluster at that moment.
 
 ``errors`` are requests the export failed (what a guest would see as an I/O error);
 ``mismatches`` are blocks whose content was not the last acknowledged write.
@@ -46,7 +51,8 @@ def block_data(seed: int, block: int, gen: int, size: int) -> bytes:
 
 
 class Writer:
-    def __init__(self, client: NBDClient, *, blocks: int, block_size: int, seed: int, depth: int):
+    def __init__(self, client: NBDClient, *, blocks: int, block_size: int, seed: int, depth: int,
+                 slow_ms: float = 50.0):
         self.client = client
         self.blocks = blocks
         self.block_size = block_size
@@ -59,6 +65,8 @@ class Writer:
         self.stats: dict[str, Any] = {"writes": 0, "reads": 0, "errors": 0, "mismatches": 0, "first_error": None,
                                       "mismatch_blocks": []}
         self.latencies: list[float] = []
+        self.slow_ms = slow_ms
+        self.slow: list[tuple[float, float, str]] = []  # (sent at, Unix s; took ms; kind)
         #: blocks whose last write failed: their content is unknown, so not judged
         self.unknown: set[int] = set()
 
@@ -79,12 +87,15 @@ class Writer:
                     "got_block": got[2] if got else None, "got_seed": got[1] if got else None,
                     "zeros": data.count(0) == len(data)})
 
-    async def _timed(self, coro: Any) -> Any:
+    async def _timed(self, kind: str, coro: Any) -> Any:
         t0 = time.monotonic()
         try:
             return await coro
         finally:
-            self.latencies.append(time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self.latencies.append(took)
+            if took * 1000 > self.slow_ms:
+                self.slow.append((time.time() - took, took * 1000, kind))
 
     async def _one(self) -> None:
         free = [b for b in (self.rng.randrange(self.blocks) for _ in range(8)) if b not in self.busy]
@@ -99,7 +110,7 @@ class Writer:
                 if b not in self.busy:
                     self.busy.add(b)
                     try:
-                        data = await self._timed(self.client.read(b * self.block_size, self.block_size))
+                        data = await self._timed("read", self.client.read(b * self.block_size, self.block_size))
                         self.stats["reads"] += 1
                         self._check(b, data)
                     except NBDError as err:
@@ -109,7 +120,7 @@ class Writer:
             self.gen += 1
             gen = self.gen
             try:
-                await self._timed(self.client.write(block * self.block_size,
+                await self._timed("write", self.client.write(block * self.block_size,
                                                     block_data(self.seed, block, gen, self.block_size)))
                 self.acked[block] = gen
                 self.stats["writes"] += 1
@@ -147,14 +158,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     settings = ClientSettings(request_timeout_s=args.request_timeout_s, connect_timeout_s=30)
     client = await NBDClient.connect(args.socket, args.export, settings)
     blocks = args.blocks or client.size // args.block_size
-    w = Writer(client, blocks=blocks, block_size=args.block_size, seed=args.seed, depth=args.depth)
+    w = Writer(client, blocks=blocks, block_size=args.block_size, seed=args.seed, depth=args.depth,
+               slow_ms=args.slow_ms)
     t0 = time.monotonic()
     await w.run(t0 + args.seconds, args.stop_file)
     checked = await w.verify_all()
     await client.close()
     lat = sorted(w.latencies) or [0.0]
     return {**w.stats, "checked_blocks": checked, "seconds": round(time.monotonic() - t0, 2),
-            "max_latency_ms": round(lat[-1] * 1000, 2), "p50_latency_ms": round(lat[len(lat) // 2] * 1000, 3)}
+            "max_latency_ms": round(lat[-1] * 1000, 2), "p50_latency_ms": round(lat[len(lat) // 2] * 1000, 3),
+            "slow": [[round(at, 4), round(ms, 2), kind] for at, ms, kind in sorted(w.slow, key=lambda s: -s[1])[:50]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--stop-file")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--slow-ms", type=float, default=50.0,
+                   help="requests slower than this are listed in the result's \"slow\" (default 50)")
     args = p.parse_args(argv)
     try:
         result = asyncio.run(main_async(args))

@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +105,32 @@ class _FileState:
     drained: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
 
 
+class _Hold:
+    """One I/O's hold on a file's map (a class, not a generator: it is on every I/O)."""
+
+    __slots__ = ("st", "ino")
+
+    def __init__(self, st: _FileState, ino: int):
+        self.st = st
+        self.ino = ino
+
+    def __enter__(self) -> FileMap:
+        st = self.st
+        with st.lock:
+            if st.map is None or st.revoking:
+                raise MapUnavailable(f"the map of file {self.ino} was revoked; refresh it and retry", ino=self.ino)
+            st.users += 1
+            return st.map
+
+    def __exit__(self, *exc: object) -> None:
+        st = self.st
+        with st.lock:
+            st.users -= 1
+            wake = list(st.drained) if not st.users and st.drained else None
+        for loop, event in wake or ():
+            loop.call_soon_threadsafe(event.set)
+
+
 class MapCache:
     """Cached maps of this node's open files plus the metadata calls that change them.
 
@@ -121,7 +146,8 @@ class MapCache:
         return msg.check_result(await self._call(op, args))
 
     def _state(self, ino: int) -> _FileState:
-        return self._files.setdefault(ino, _FileState())
+        st = self._files.get(ino)  # (on every I/O: build a new state only when there is none)
+        return st if st is not None else self._files.setdefault(ino, _FileState())
 
     def install(self, result: dict[str, Any]) -> FileMap:
         """Cache a map the coordinator sent (never older than the cached one or the floor)."""
@@ -179,23 +205,10 @@ class MapCache:
         self._files.pop(ino, None)
         await self.request("close", {"ino": ino})
 
-    @contextlib.contextmanager
-    def using(self, ino: int) -> Iterator[FileMap]:
-        """Hold the file's map for one I/O (shared; never waits, see the module doc)."""
-        st = self._state(ino)
-        with st.lock:
-            if st.map is None or st.revoking:
-                raise MapUnavailable(f"the map of file {ino} was revoked; refresh it and retry", ino=ino)
-            st.users += 1
-            m = st.map
-        try:
-            yield m
-        finally:
-            with st.lock:
-                st.users -= 1
-                wake = list(st.drained) if not st.users else []
-            for loop, event in wake:
-                loop.call_soon_threadsafe(event.set)
+    def using(self, ino: int) -> _Hold:
+        """``with cache.using(ino) as m``: hold the file's map for one I/O (shared; never
+        waits, see the module doc)."""
+        return _Hold(self._state(ino), ino)
 
     async def revoke(self, ino: int, version: int) -> None:
         """Drop the map, wait until no I/O uses it, then return (= acknowledge)."""

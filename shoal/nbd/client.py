@@ -42,7 +42,7 @@ import itertools
 import logging
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 from shoal.nbd import wire
@@ -84,14 +84,14 @@ class ClientSettings:
             raise ValueError("reconnect_attempts and max_in_flight must be at least 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     cmd: int
     offset: int
     future: asyncio.Future[object]
     started: float = 0.0  # loop time it was sent
     buf: bytearray | None = None
-    extents: list[tuple[int, int]] = field(default_factory=list)
+    extents: list[tuple[int, int]] | None = None  # BLOCK_STATUS only: none made per request
     error: int = 0
     message: str = ""
 
@@ -607,7 +607,7 @@ class NBDClient:
                 raise RemoteProtocolError("read reply chunk lies outside the request")
             pending.buf[start : start + len(ev.data)] = ev.data
         elif ev.extents:
-            pending.extents.extend(ev.extents)
+            pending.extents = (pending.extents or []) + ev.extents
         if not ev.done:
             return
         del self._pending[ev.cookie]
@@ -620,7 +620,7 @@ class NBDClient:
         elif pending.cmd == Cmd.READ:
             pending.future.set_result(pending.buf)
         elif pending.cmd == Cmd.BLOCK_STATUS:
-            pending.future.set_result(pending.extents)
+            pending.future.set_result(pending.extents or [])
         else:
             pending.future.set_result(None)
 

@@ -16,7 +16,7 @@ structured replies every reply is simple.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shoal.nbd import wire
 from shoal.nbd.constants import (
@@ -94,7 +94,7 @@ def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, in
 # --- client side --------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class ReplyEvent:
     """One simple reply, or one structured chunk (``done`` on the last one).
 
@@ -110,7 +110,7 @@ class ReplyEvent:
     data: bytes = b""
     hole: int = 0
     filled: int = 0  # bytes already copied into the read's destination
-    extents: list[tuple[int, int]] = field(default_factory=list)
+    extents: list[tuple[int, int]] | None = None
     context_id: int = 0
 
 

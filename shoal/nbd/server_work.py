@@ -33,6 +33,11 @@ from shoal.nbd.requests import Request
 
 log = logging.getLogger("shoal.nbd.server")
 
+# plain ints: ``int & IntFlag`` runs the enum's Python-level operator (a request's hot path)
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+
 #: a complete reply, in pieces sent back to back
 Reply = tuple[bytes | bytearray | memoryview, ...]
 
@@ -45,7 +50,7 @@ class Framing:
     context: int  # id of base:allocation, 0 if not selected
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Work:
     """A request handed to the thread pool or run as a task."""
 
@@ -102,7 +107,7 @@ def run_blocking(
     backend: Backend, req: Request, payload: memoryview | bytes, buf: bytearray | None, f: Framing
 ) -> Reply:
     """One request of a blocking backend, in a pool thread; returns the complete reply."""
-    fua = bool(req.flags & CmdFlag.FUA)
+    fua = bool(req.flags & _FUA)
     cmd = req.cmd
     if cmd == Cmd.READ:
         data = memoryview(buf)[: req.length] if buf is not None else memoryview(bytearray(req.length))
@@ -116,7 +121,7 @@ def run_blocking(
         backend.trim(req.offset, req.length, fua=fua)
     elif cmd == Cmd.WRITE_ZEROES:
         backend.write_zeroes(
-            req.offset, req.length, may_trim=not req.flags & CmdFlag.NO_HOLE, fua=fua
+            req.offset, req.length, may_trim=not req.flags & _NO_HOLE, fua=fua
         )
     elif cmd == Cmd.BLOCK_STATUS:
         return (block_status_reply(req, backend.block_status(req.offset, req.length), f),)
@@ -127,7 +132,7 @@ async def run_async(backend: AsyncBackend, work: Work, payload: bytes, f: Framin
     """One request of an async backend, as a task; returns the complete reply."""
     work.started = True  # from here on, a PREEMPT lets this request complete
     req = work.req
-    fua = bool(req.flags & CmdFlag.FUA)
+    fua = bool(req.flags & _FUA)
     cmd = req.cmd
     if cmd == Cmd.READ:
         data = await backend.read(req.offset, req.length)
@@ -144,7 +149,7 @@ async def run_async(backend: AsyncBackend, work: Work, payload: bytes, f: Framin
         await backend.trim(req.offset, req.length, fua=fua)
     elif cmd == Cmd.WRITE_ZEROES:
         await backend.write_zeroes(
-            req.offset, req.length, may_trim=not req.flags & CmdFlag.NO_HOLE, fua=fua
+            req.offset, req.length, may_trim=not req.flags & _NO_HOLE, fua=fua
         )
     elif cmd == Cmd.BLOCK_STATUS:
         return (block_status_reply(req, await backend.block_status(req.offset, req.length), f),)
@@ -159,7 +164,7 @@ def _read_header(req: Request, f: Framing) -> bytearray:
 
 def block_status_reply(req: Request, extents: list[tuple[int, int]], f: Framing) -> bytes:
     extents = clip_extents(extents, req.length)
-    if req.flags & CmdFlag.REQ_ONE:
+    if req.flags & _REQ_ONE:
         extents = extents[:1]
     return replies.block_status_chunk(req.cookie, f.context, extents)
 

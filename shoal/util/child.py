@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 from typing import Any
 
@@ -58,7 +59,7 @@ class Child:
                 self._popen.send_signal(sig)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
 
 async def spawn(argv: list[str], **popen_args: Any) -> Child:

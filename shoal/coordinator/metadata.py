@@ -200,9 +200,16 @@ class MetadataService:
         f = self._file(ino)
         return msg.encode_map(ino, f.size, f.unit_size, self.version(ino), f.extent_map())
 
-    async def _hand_out(self, node: str, ino: int) -> dict[str, Any]:
-        """Caller holds the file's lock."""
-        result = await self._run(lambda: self._map_of(ino))
+    async def _hand_out(self, node: str, ino: int, first: Callable[[], object] | None = None) -> dict[str, Any]:
+        """The file's map, now held by ``node``; ``first`` runs before the map is taken,
+        in the same thread hop. Caller holds the file's lock."""
+
+        def work() -> dict[str, Any]:
+            if first is not None:
+                first()
+            return self._map_of(ino)
+
+        result = await self._run(work)
         self.holders.setdefault(ino, {})[node] = result["map_version"]
         return result
 
@@ -272,17 +279,15 @@ class MetadataService:
         """Map the holes of the range (zeroed, durable) and return the file's map."""
         _ints(ino=ino, offset=offset, length=length)
         async with self._lock(ino):
-            def work() -> dict[str, Any]:
+            def fill_holes() -> None:
                 f = self._file(ino)
                 if offset + length > f.size:
                     raise InvalidRequest(
                         f"range {offset}+{length} is past the end of file {ino} (size {f.size}); resize it first")
                 if f.allocate(offset, length):
                     self._bump(ino)  # we hold the file's lock: nobody else bumps it meanwhile
-                return self._map_of(ino)  # in the same thread hop
 
-            result = await self._run(work)
-            self.holders.setdefault(ino, {})[node] = result["map_version"]
+            result = await self._hand_out(node, ino, fill_holes)
             self._refill_pool()
             return result
 

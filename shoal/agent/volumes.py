@@ -113,6 +113,9 @@ class _PlainIO:
     async def write_zeroes(self, offset: int, length: int) -> None:
         raise DeviceError("read-only probe")
 
+    async def write_durable(self, offset: int, data: bytes) -> None:
+        raise DeviceError("read-only probe")
+
     async def flush(self) -> None:
         pass
 

@@ -26,6 +26,8 @@ class BlockIO(Protocol):
     async def write(self, offset: int, data: bytes) -> None: ...
     async def write_zeroes(self, offset: int, length: int) -> None: ...
     async def flush(self) -> None: ...
+    async def write_durable(self, offset: int, data: bytes) -> None:
+        """Durable when it returns: a FUA write where the path offers it, else write + flush."""
 
 
 class LunDevice(Device):
@@ -82,14 +84,9 @@ class LunDevice(Device):
         self._run("flush", self.io.flush)
 
     def pwrite_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """One durable write: a FUA write when ``io`` offers ``write_durable`` (one
-        round trip instead of write + flush), else write then flush."""
-        durable = getattr(self.io, "write_durable", None)
-        if durable is None:
-            super().pwrite_durable(offset, data)
-            return
+        """One durable write (``io.write_durable``: one FUA round trip where the path has FUA)."""
         payload = bytes(data)
-        self._run(f"durable write of {len(payload)} bytes at {offset}", lambda: durable(offset, payload))
+        self._run(f"durable write of {len(payload)} bytes at {offset}", lambda: self.io.write_durable(offset, payload))
 
     def close(self) -> None:
         pass

@@ -79,3 +79,9 @@ class BlockRouter:
 
     async def flush(self) -> None:
         await self._route("flush", 0, 0)
+
+    async def write_durable(self, offset: int, data: bytes) -> None:
+        """A write then a flush (either may be redirected; the coordinator has no FUA
+        request for a node)."""
+        await self.write(offset, data)
+        await self.flush()

@@ -7,6 +7,34 @@ carry a binary payload (block I/O arrives with the redirected data path).
 A connection carries one request at a time; callers that need concurrency
 open several or wait on the lock.
 
+Layers, bottom up:
+
+- :class:`FrameReceiver` (no I/O) says where the next received bytes go and
+  turns them into frames. Sizes and JSON headers, and frames that arrive
+  whole, land in one reusable scratch buffer (``SCRATCH_SIZE``). A payload
+  that does not end inside it gets a ``bytearray`` of its own that the kernel
+  fills in place, and that bytearray is the payload the reader gets: a 1 MiB
+  redirected block costs at most one copy of the part that arrived with its
+  header, not a copy of the whole block per layer.
+- :class:`FrameStream`, an :class:`asyncio.BufferedProtocol`, is the thin
+  adapter: ``read_frame()`` waits for the next frame; ``write_frame()`` then
+  ``drain()`` sends one, waiting while the transport is over its high-water
+  mark (pause_writing/resume_writing), so a peer that stops reading holds us
+  at what the transport buffers. Reading pauses only while more than
+  ``QUEUE_LIMIT`` bytes of frames wait unread (a peer that does not keep to
+  one request at a time). EOF or a lost connection (ConnectionResetError
+  "peer closed the connection", after the frames that arrived before it), a
+  frame over the size limits (``RemoteProtocolError``; the connection is
+  closed) or our own ``close()`` end the stream; a waiting reader or writer
+  gets that error at once.
+- :class:`ChannelServer` and :class:`Connection`: the handshake and the
+  request/answer loop.
+
+Payloads handed to the handler and returned by ``call`` are ``bytes`` or, when
+received in place, a ``bytearray``. Payloads we send go to ``transport.write``
+as they are; uvloop keeps a view of what it could not send yet, so a caller
+must not change a payload after passing it here.
+
 This module takes no timeouts of its own except where it must bound a
 handshake with a stranger; callers wrap calls in ``asyncio.timeout()``.
 """
@@ -14,11 +42,11 @@ handshake with a stranger; callers wrap calls in ``asyncio.timeout()``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from shoal.netft.errors import (
     AuthenticationFailed,
@@ -40,31 +68,280 @@ from shoal.netft.protocol import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
-#: a stream buffers this much before it stops reading: a 1 MiB redirected block
-#: arrives without a pause/resume of the socket every 128 KiB (asyncio's default)
-STREAM_LIMIT = 4 << 20
+#: headers and small frames are received into one reusable buffer this large
+SCRATCH_SIZE = 64 << 10
+#: when less than this is free at the end of the scratch buffer, the partial frame
+#: at its start is moved to the front
+_SCRATCH_MIN_FREE = 4 << 10
+#: bytes of received frames nobody has read yet before we stop reading (one request at
+#: a time is the rule; this only bounds a peer that breaks it)
+QUEUE_LIMIT = 8 << 20
+#: a payload at least this large is handed to the transport as it is, not joined to its head
+_SEND_AS_IS = 64 << 10
+#: the largest frame either side accepts before the peer has proved it holds the secret
+#: (handshake frames are a small JSON header; no stranger makes us allocate more)
+HANDSHAKE_FRAME_MAX = 4096
 
+Frame = tuple[dict[str, Any], bytes]
 Handler = Callable[[str, str, dict[str, Any], bytes], Awaitable[tuple[Any, bytes]]]
 
 
-def write_frame(w: asyncio.StreamWriter, header: dict[str, Any], payload: bytes = b"") -> None:
-    """Like ``w.write(encode_frame(...))`` without copying the payload into one buffer."""
-    if len(payload) < 65536:
-        w.write(encode_frame(header, payload))
-    else:
-        w.write(encode_frame_head(header, len(payload)))
-        w.write(payload)
+class FrameReceiver:
+    """Frames out of a byte stream, received in place; no sockets.
+
+    Feed it as asyncio feeds a BufferedProtocol: receive into ``get_buffer()``,
+    then call ``buffer_updated(n)``; take complete frames with ``pop()``.
+    ``buffer_updated`` raises :class:`RemoteProtocolError` for a frame over the
+    size limits of ``protocol.decode_frame_sizes`` or a header that is not a
+    JSON object; the receiver is of no further use then.
+
+    Invariant: while a part (a payload, or a header too large for the scratch
+    buffer) is received in place, the scratch buffer holds nothing unread; so
+    ``get_buffer`` offers no more of the part's buffer than the part has left,
+    and the next frame starts in the scratch buffer again.
+    """
+
+    def __init__(self, scratch_size: int = SCRATCH_SIZE):
+        self._rx = bytearray(scratch_size)
+        self._rxv = memoryview(self._rx)
+        self._start = 0  # first unread byte in the scratch buffer
+        self._end = 0  # end of the received bytes in it
+        # the part received in place and how much of it has arrived; it is the payload
+        # of the frame whose header is ``_part_header``, or (that is None) the header
+        # of a frame whose payload is ``_part_plen`` bytes
+        self._part: bytearray | None = None
+        self._partv: memoryview | None = None
+        self._filled = 0
+        self._part_header: dict[str, Any] | None = None
+        self._part_hlen = 0
+        self._part_plen = 0
+        self._frames: collections.deque[tuple[dict[str, Any], bytes, int]] = collections.deque()
+        #: wire bytes of the complete frames not taken yet
+        self.queued_bytes = 0
+        #: a lower limit than the protocol's for a frame's header + payload (the handshake's)
+        self.max_frame: int | None = None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._partv is not None:
+            return self._partv[self._filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._rx) - self._end < _SCRATCH_MIN_FREE:
+            # unread is the start of one frame whose sizes and header fit: move it to the front
+            pending = bytes(self._rxv[self._start : self._end])
+            self._rxv[: len(pending)] = pending
+            self._start, self._end = 0, len(pending)
+        return self._rxv[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._part is None:
+            self._end += nbytes
+            self._parse()
+            return
+        self._filled += nbytes
+        if self._filled == len(self._part):
+            self._part_done()
+
+    def has_frames(self) -> bool:
+        return bool(self._frames)
+
+    def pop(self) -> Frame:
+        """The oldest complete frame (IndexError if there is none)."""
+        header, payload, size = self._frames.popleft()
+        self.queued_bytes -= size
+        return header, payload
+
+    def _parse(self) -> None:
+        rx = self._rxv
+        while self._end - self._start >= FRAME_HEADER_SIZE:
+            hstart = self._start + FRAME_HEADER_SIZE
+            hlen, plen = decode_frame_sizes(bytes(rx[self._start : hstart]))
+            if self.max_frame is not None and hlen + plen > self.max_frame:
+                raise RemoteProtocolError(
+                    f"peer sent a frame of {hlen}+{plen} bytes during the handshake (at most {self.max_frame})")
+            pstart = hstart + hlen
+            if pstart > self._end:
+                if FRAME_HEADER_SIZE + hlen > len(self._rx):
+                    self._part_header, self._part_hlen, self._part_plen = None, hlen, plen
+                    self._begin_part(hlen, hstart)
+                return  # else the header arrives in the scratch buffer
+            header = decode_header(bytes(rx[hstart:pstart]))
+            if pstart + plen > self._end:
+                self._part_header, self._part_hlen = header, hlen
+                self._begin_part(plen, pstart)
+                return
+            self._start = pstart + plen
+            self._emit(header, bytes(rx[pstart : self._start]) if plen else b"", hlen)
+
+    def _begin_part(self, size: int, start: int) -> None:
+        """Receive the next ``size`` bytes in place; those from ``start`` to the end of
+        the scratch buffer's data have arrived already (fewer than ``size``)."""
+        part = bytearray(size)
+        arrived = self._end - start
+        part[:arrived] = self._rxv[start : self._end]
+        self._start = self._end
+        self._part, self._partv, self._filled = part, memoryview(part), arrived
+
+    def _part_done(self) -> None:
+        part = self._part
+        assert part is not None
+        # the reader gets the bytearray: keep no view of it (a view would pin its size)
+        self._part = self._partv = None
+        header = self._part_header
+        if header is None:  # it was a large header
+            header = decode_header(bytes(part))
+            if self._part_plen:
+                self._part_header = header
+                self._begin_part(self._part_plen, self._end)
+            else:
+                self._emit(header, b"", self._part_hlen)
+            return
+        self._part_header = None
+        # a bytearray reads like bytes to every user of a payload
+        self._emit(header, cast(bytes, part), self._part_hlen)
+
+    def _emit(self, header: dict[str, Any], payload: bytes, hlen: int) -> None:
+        size = FRAME_HEADER_SIZE + hlen + len(payload)
+        self._frames.append((header, payload, size))
+        self.queued_bytes += size
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
-    try:
-        prefix = await reader.readexactly(FRAME_HEADER_SIZE)
-        hlen, plen = decode_frame_sizes(prefix)
-        header = decode_header(await reader.readexactly(hlen))
-        payload = await reader.readexactly(plen) if plen else b""
-    except asyncio.IncompleteReadError as err:
-        raise ConnectionResetError("peer closed the connection") from err
-    return header, payload
+class FrameStream(asyncio.BufferedProtocol):
+    """One TCP connection carrying frames, for one reader and one writer at a time."""
+
+    def __init__(self, on_connected: Callable[[FrameStream], None] | None = None):
+        self.transport: asyncio.Transport | None = None
+        self.receiver = FrameReceiver()
+        self._on_connected = on_connected
+        #: why no more frames will come (EOF, lost, closed here, a protocol violation)
+        self._error: Exception | None = None
+        self._reader: asyncio.Future[None] | None = None
+        self._writer: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._reading_paused = False
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.receiver.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        receiver = self.receiver
+        try:
+            receiver.buffer_updated(nbytes)
+        except RemoteProtocolError as err:
+            self._fail(err)
+            self._close_transport()
+            return
+        if receiver.has_frames():
+            _wake(self._reader)
+            if receiver.queued_bytes > QUEUE_LIMIT and not self._reading_paused and self.transport:
+                self._reading_paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionResetError("peer closed the connection"))
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err = ConnectionResetError("peer closed the connection")
+        err.__cause__ = exc
+        self._fail(err)
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        _wake(self._writer)
+
+    # --- for the reader and the writer ---------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._error is not None or self.transport is None or self.transport.is_closing()
+
+    def peer_host(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+    async def read_frame(self) -> Frame:
+        """The next frame; ConnectionResetError once the peer closed, RemoteProtocolError
+        for a frame over the limits (the connection is then closed)."""
+        receiver = self.receiver
+        while not receiver.has_frames():
+            if self._error is not None:
+                raise self._error
+            assert self._reader is None, "one reader at a time"
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        frame = receiver.pop()
+        if self._reading_paused and receiver.queued_bytes <= QUEUE_LIMIT and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return frame
+
+    def write_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Send one frame; a large payload goes to the transport as it is (do not change it after)."""
+        transport = self.transport
+        if self._error is not None:
+            raise self._error
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        if len(payload) < _SEND_AS_IS:
+            transport.write(encode_frame(header, payload))
+        else:
+            transport.write(encode_frame_head(header, len(payload)))
+            transport.write(payload)
+
+    async def drain(self) -> None:
+        """Return once the transport is under its high-water mark again."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._writing_paused:
+                return
+            assert self._writer is None, "one writer at a time"
+            self._writer = asyncio.get_running_loop().create_future()
+            try:
+                await self._writer
+            finally:
+                self._writer = None
+
+    def close(self) -> None:
+        """Close the connection (after what we wrote is sent); waiters get ConnectionResetError."""
+        self._fail(ConnectionResetError("the connection was closed"))
+        self._close_transport()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._lost)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, err: Exception) -> None:
+        if self._error is None:
+            self._error = err
+        _wake(self._reader)
+        _wake(self._writer)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class ChannelServer:
@@ -77,12 +354,14 @@ class ChannelServer:
         self.handler = handler
         self.servers: dict[str, asyncio.Server] = {}
         self.refusals = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # one per connection
 
     async def listen(self, network: str, address: str, port: int) -> None:
         if network in self.servers:
             return
-        self.servers[network] = await asyncio.start_server(
-            lambda r, w: self._serve(network, r, w), address, port, reuse_address=True, limit=STREAM_LIMIT
+        self.servers[network] = await asyncio.get_running_loop().create_server(
+            lambda: FrameStream(lambda stream: self._accept(network, stream)),
+            address, port, reuse_address=True,
         )
 
     def close(self, network: str | None = None) -> None:
@@ -91,15 +370,22 @@ class ChannelServer:
             if srv is not None:
                 srv.close()
 
-    async def _serve(self, network: str, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        source = str(w.get_extra_info("peername", ("?",))[0])
+    def _accept(self, network: str, stream: FrameStream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(network, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, network: str, stream: FrameStream) -> None:
+        source = stream.peer_host()
         try:
+            stream.receiver.max_frame = HANDSHAKE_FRAME_MAX
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                peer = await self._handshake(network, source, r, w)
+                peer = await self._handshake(network, source, stream)
             if peer is None:
                 return
+            stream.receiver.max_frame = None
             while True:
-                header, payload = await read_frame(r)
+                header, payload = await stream.read_frame()
                 result_payload = b""
                 try:
                     result, result_payload = await self.handler(
@@ -111,23 +397,20 @@ class ChannelServer:
                 except Exception as err:  # a bug on our side: tell the peer, keep serving
                     log.exception("request %s from %s failed", header.get("op"), peer)
                     answer = {"id": header.get("id"), "ok": False, "error": f"internal error: {err}"}
-                write_frame(w, answer, result_payload)
-                await w.drain()
+                stream.write_frame(answer, result_payload)
+                await stream.drain()
         except (OSError, TimeoutError, RemoteProtocolError):
             pass
         finally:
-            w.close()
-            with contextlib.suppress(OSError):
-                await w.wait_closed()
+            stream.close()
+            await stream.wait_closed()
 
-    async def _handshake(
-        self, network: str, source: str, r: asyncio.StreamReader, w: asyncio.StreamWriter
-    ) -> str | None:
+    async def _handshake(self, network: str, source: str, stream: FrameStream) -> str | None:
         s_nonce = os.urandom(16)
-        w.write(encode_frame({"hello": "shoal/1", "cluster": self.cluster, "node": self.node,
-                              "nonce": s_nonce.hex()}))
-        await w.drain()
-        msg, _ = await read_frame(r)
+        stream.write_frame({"hello": "shoal/1", "cluster": self.cluster, "node": self.node,
+                            "nonce": s_nonce.hex()})
+        await stream.drain()
+        msg, _ = await stream.read_frame()
         peer = str(msg.get("node", "?"))
         try:
             c_nonce = parse_nonce(msg.get("nonce"))
@@ -141,24 +424,23 @@ class ChannelServer:
                 "it holds the secret of cluster %s",
                 network, source, peer, self.cluster,
             )
-            w.write(encode_frame({"ok": False, "error": f"{self.node} refused {peer}: wrong cluster secret "
-                                  f"(not the secret of cluster {self.cluster})"}))
-            await w.drain()
+            stream.write_frame({"ok": False, "error": f"{self.node} refused {peer}: wrong cluster secret "
+                                f"(not the secret of cluster {self.cluster})"})
+            await stream.drain()
             return None
-        w.write(encode_frame({"ok": True, "proof": proof(self.key, "server", self.cluster, s_nonce,
-                                                         c_nonce, self.node)}))
-        await w.drain()
+        stream.write_frame({"ok": True, "proof": proof(self.key, "server", self.cluster, s_nonce,
+                                                       c_nonce, self.node)})
+        await stream.drain()
         return peer
 
 
 class Connection:
     """Client side of one authenticated connection to one peer on one network."""
 
-    def __init__(self, peer: str, network: str, r: asyncio.StreamReader, w: asyncio.StreamWriter):
+    def __init__(self, peer: str, network: str, stream: FrameStream):
         self.peer = peer
         self.network = network
-        self.r = r
-        self.w = w
+        self.stream = stream
         self.lock = asyncio.Lock()
         self.next_id = 0
         self.broken = False
@@ -167,9 +449,10 @@ class Connection:
     async def open(
         cls, cluster: str, node: str, key: bytes, peer: str, network: str, address: str, port: int
     ) -> Connection:
-        r, w = await asyncio.open_connection(address, port, limit=STREAM_LIMIT)
+        _, stream = await asyncio.get_running_loop().create_connection(FrameStream, address, port)
+        stream.receiver.max_frame = HANDSHAKE_FRAME_MAX
         try:
-            hello, _ = await read_frame(r)
+            hello, _ = await stream.read_frame()
             if hello.get("hello") != "shoal/1":
                 raise RemoteProtocolError(f"{address}:{port} does not speak the shoal agent protocol")
             if hello.get("cluster") != cluster or hello.get("node") != peer:
@@ -179,10 +462,10 @@ class Connection:
                 )
             s_nonce = parse_nonce(hello.get("nonce"))
             c_nonce = os.urandom(16)
-            w.write(encode_frame({"node": node, "nonce": c_nonce.hex(),
-                                  "proof": proof(key, "client", cluster, s_nonce, c_nonce, node)}))
-            await w.drain()
-            answer, _ = await read_frame(r)
+            stream.write_frame({"node": node, "nonce": c_nonce.hex(),
+                                "proof": proof(key, "client", cluster, s_nonce, c_nonce, node)})
+            await stream.drain()
+            answer, _ = await stream.read_frame()
             if not answer.get("ok"):
                 raise AuthenticationFailed(
                     f"{answer.get('error', 'refused')}; this node's cluster secret differs from {peer}'s"
@@ -192,17 +475,18 @@ class Connection:
                     f"{peer} at {address} could not prove it holds the cluster secret; refusing it"
                 )
         except BaseException:
-            w.close()
+            stream.close()
             raise
-        return cls(peer, network, r, w)
+        stream.receiver.max_frame = None
+        return cls(peer, network, stream)
 
     @property
     def closed(self) -> bool:
         """Broken (a call was cut off or the peer broke the protocol) or closed: do not reuse."""
-        return self.broken or self.w.is_closing()
+        return self.broken or self.stream.closing
 
     async def call(self, op: str, args: dict[str, Any], payload: bytes = b"") -> tuple[Any, bytes]:
-        """One request and its answer.
+        """One request and its answer (its payload may be a bytearray).
 
         If anything interrupts the call once it started (an error, a timeout or a
         cancellation), the request and answer streams may be out of step: the
@@ -214,9 +498,9 @@ class Connection:
             self.next_id += 1
             rid = self.next_id
             try:
-                write_frame(self.w, {"id": rid, "op": op, "args": args}, payload)
-                await self.w.drain()
-                header, data = await read_frame(self.r)
+                self.stream.write_frame({"id": rid, "op": op, "args": args}, payload)
+                await self.stream.drain()
+                header, data = await self.stream.read_frame()
                 if header.get("id") != rid:
                     raise RemoteProtocolError(f"{self.peer} answered request {header.get('id')}, not {rid}")
             except BaseException:
@@ -228,4 +512,4 @@ class Connection:
 
     def close(self) -> None:
         self.broken = True
-        self.w.close()
+        self.stream.close()

@@ -1,0 +1,511 @@
+"""The agent channel's frames: the receiver without sockets (any chunking, in-place
+payloads, limits), then the real channel on loopback, on the standard loop and on
+uvloop: payload sizes around the edges, back-to-back calls, a frame dribbled byte by
+byte, peers that vanish mid-payload or stop reading, strangers and cut-off calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from shoal.netft import channel
+from shoal.netft.channel import (
+    HANDSHAKE_FRAME_MAX,
+    ChannelServer,
+    Connection,
+    FrameReceiver,
+    FrameStream,
+)
+from shoal.netft.errors import AuthenticationFailed, RemoteProtocolError
+from shoal.netft.protocol import (
+    FRAME_HEADER_SIZE,
+    MAX_HEADER,
+    MAX_PAYLOAD,
+    derive_key,
+    encode_frame,
+    parse_nonce,
+    proof,
+)
+
+KEY = derive_key(b"k" * 32, "demo", "channel")
+MIB = 1 << 20
+
+# -- the receiver, without sockets -------------------------------------------------
+
+
+def feed(rx: FrameReceiver, data: bytes, chunks: list[int] | None = None) -> None:
+    """Deliver ``data`` as a kernel would: at most what ``get_buffer`` offers per receive,
+    and at most the next chunk size (cycled) when ``chunks`` is given."""
+    pos, i = 0, 0
+    while pos < len(data):
+        buf = rx.get_buffer()
+        assert len(buf) > 0
+        n = min(len(buf), len(data) - pos)
+        if chunks:
+            n = min(n, chunks[i % len(chunks)])
+            i += 1
+        buf[:n] = data[pos : pos + n]
+        rx.buffer_updated(n)
+        pos += n
+
+
+def drain_frames(rx: FrameReceiver) -> list[tuple[dict[str, Any], bytes]]:
+    out = []
+    while rx.has_frames():
+        out.append(rx.pop())
+    return out
+
+
+frames_st = hs.lists(
+    hs.tuples(
+        hs.dictionaries(hs.sampled_from(["id", "op", "args", "x" * 300]), hs.integers(0, 1 << 40), max_size=4),
+        hs.sampled_from([0, 1, 7, 100, 255, 256, 257, 1000, 5000]).map(lambda n: bytes(range(256)) * (n // 256)
+                                                                       + bytes(n % 256)),
+    ),
+    min_size=1, max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames_st, hs.lists(hs.integers(1, 600), min_size=1, max_size=5), hs.sampled_from([64, 256, 4096]))
+def test_any_chunking_yields_the_frames_sent(frames: list[tuple[dict[str, Any], bytes]], chunks: list[int],
+                                             scratch: int) -> None:
+    # a small scratch buffer exercises headers larger than it, compaction, payloads
+    # straddling it, as the 64 KiB one does with real sizes
+    rx = FrameReceiver(scratch)
+    feed(rx, b"".join(encode_frame(h, p) for h, p in frames), chunks)
+    got = drain_frames(rx)
+    assert [(h, bytes(p)) for h, p in got] == frames
+    assert rx.queued_bytes == 0
+
+
+def test_a_large_payload_is_received_in_the_bytearray_handed_over() -> None:
+    rx = FrameReceiver()
+    payload = bytes(range(256)) * (MIB // 256)
+    wire = encode_frame({"id": 1}, payload)
+    first = 1000  # the head and some payload arrive together in the scratch buffer
+    feed(rx, wire[:first])
+    buf = rx.get_buffer()
+    target = buf.obj
+    assert isinstance(target, bytearray) and len(target) == MIB and len(buf) == len(wire) - first
+    del buf
+    feed(rx, wire[first:])
+    (header, got), = drain_frames(rx)
+    assert header == {"id": 1} and got is target and got == payload
+    assert isinstance(got, bytearray)
+    got.extend(b"x")  # no view of it is left behind: it can even grow
+
+
+def test_frames_that_arrive_whole_are_copied_out_of_the_scratch_buffer() -> None:
+    rx = FrameReceiver()
+    feed(rx, encode_frame({"id": 1}, b"abc") + encode_frame({"id": 2}) + encode_frame({"id": 3}, b"d"))
+    frames = drain_frames(rx)
+    assert frames == [({"id": 1}, b"abc"), ({"id": 2}, b""), ({"id": 3}, b"d")]
+    assert rx.get_buffer().obj is rx.get_buffer().obj  # the same scratch buffer, reused
+
+
+def test_a_header_larger_than_the_scratch_buffer() -> None:
+    rx = FrameReceiver()
+    header = {"args": {"blob": "x" * (200 << 10)}}
+    feed(rx, encode_frame(header, b"tail") + encode_frame({"id": 2}), [3000])
+    assert drain_frames(rx) == [(header, b"tail"), ({"id": 2}, b"")]
+
+
+@pytest.mark.parametrize("prefix", [
+    struct.pack(">II", MAX_HEADER + 1, 0),
+    struct.pack(">II", 10, MAX_PAYLOAD + 1),
+])
+def test_sizes_over_the_limits_are_refused(prefix: bytes) -> None:
+    rx = FrameReceiver()
+    with pytest.raises(RemoteProtocolError, match="over the limit"):
+        feed(rx, prefix)
+
+
+def test_before_the_handshake_a_large_frame_is_refused_before_anything_is_allocated() -> None:
+    rx = FrameReceiver()
+    rx.max_frame = HANDSHAKE_FRAME_MAX
+    with pytest.raises(RemoteProtocolError, match="during the handshake"):
+        feed(rx, struct.pack(">II", 10, 64 << 20))  # a stranger declaring a 64 MiB payload
+    assert rx._part is None
+
+
+def test_a_header_that_is_not_a_json_object_is_refused() -> None:
+    for raw in (b"{not json", b"[1, 2]"):
+        rx = FrameReceiver()
+        with pytest.raises(RemoteProtocolError):
+            feed(rx, struct.pack(">II", len(raw), 0) + raw)
+
+
+def test_queued_bytes_count_what_is_not_taken() -> None:
+    rx = FrameReceiver()
+    one = encode_frame({"id": 1}, b"x" * 100)
+    feed(rx, one + one)
+    assert rx.queued_bytes == 2 * len(one)
+    rx.pop()
+    assert rx.queued_bytes == len(one)
+
+
+# -- the channel on loopback, on both loops ----------------------------------------------
+
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def run(loop_factory: LoopFactory, main: Coroutine[Any, Any, None], timeout_s: float = 30) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout_s):
+            await main
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(bounded())
+
+
+async def echo_server(seen: list[Any] | None = None) -> tuple[ChannelServer, int]:
+    """A server whose handler answers with the payload reversed (and records its type)."""
+
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+        if seen is not None:
+            seen.append(type(payload))
+        if op == "sleep":
+            await asyncio.sleep(float(args["s"]))
+        return {"op": op, "n": len(payload)}, payload[::-1]
+
+    srv = ChannelServer("demo", "a", KEY, handler)
+    await srv.listen("cluster", "127.0.0.1", 0)
+    return srv, srv.servers["cluster"].sockets[0].getsockname()[1]
+
+
+async def connect(port: int, key: bytes = KEY) -> Connection:
+    return await Connection.open("demo", "b", key, "a", "cluster", "127.0.0.1", port)
+
+
+async def until(cond: Callable[[], bool], what: str, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_round_trips_of_every_size(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        seen: list[Any] = []
+        srv, port = await echo_server(seen)
+        try:
+            conn = await connect(port)
+            for n in (0, 1, 64 * 1024 - 1, MIB, 5 * MIB):
+                payload = bytes(range(251)) * (n // 251) + bytes(n % 251)
+                result, data = await conn.call("echo", {"n": n}, payload)
+                assert result == {"op": "echo", "n": n}
+                assert len(data) == n and data == payload[::-1], n
+            conn.close()
+            # the large ones arrived in place, in a bytearray of their own
+            assert seen[-1] is bytearray and seen[-2] is bytearray
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_many_calls_back_to_back_and_from_several_tasks(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            conn = await connect(port)
+            for i in range(300):
+                payload = bytes([i % 256]) * (i * 37 % 70_000)
+                result, data = await conn.call("echo", {"i": i}, payload)
+                assert result["n"] == len(payload) and data == payload
+
+            async def caller(k: int) -> None:
+                for i in range(50):
+                    payload = bytes([k]) * (k * 1000 + i)
+                    _, data = await conn.call("echo", {}, payload)
+                    assert data == payload
+
+            await asyncio.gather(*(caller(k) for k in range(8)))  # one at a time, on the lock
+            assert not conn.closed
+            conn.close()
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionResetError("server closed the connection")
+        out += chunk
+    return bytes(out)
+
+
+def _recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    hlen, plen = struct.unpack(">II", _recv_exact(sock, FRAME_HEADER_SIZE))
+    return json.loads(_recv_exact(sock, hlen)), _recv_exact(sock, plen)
+
+
+def _raw_client(port: int) -> socket.socket:
+    """A blocking socket that has done the client's side of the handshake."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hello, _ = _recv_frame(sock)
+    s_nonce, c_nonce = parse_nonce(hello["nonce"]), b"\x01" * 16
+    sock.sendall(encode_frame({"node": "b", "nonce": c_nonce.hex(),
+                               "proof": proof(KEY, "client", "demo", s_nonce, c_nonce, "b")}))
+    answer, _ = _recv_frame(sock)
+    assert answer["ok"] is True
+    return sock
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_request_dribbled_byte_by_byte(loop_factory: LoopFactory) -> None:
+    payload = bytes(range(256)) * 12 + b"end"  # 3 KiB
+    big = bytes(range(256)) * 1024  # 256 KiB, in small pieces
+    answers: list[tuple[dict[str, Any], bytes]] = []
+
+    def client(port: int) -> None:
+        with _raw_client(port) as sock:
+            wire = encode_frame({"id": 1, "op": "echo", "args": {}}, payload)
+            for i in range(len(wire)):
+                sock.send(wire[i : i + 1])
+                time.sleep(0.0002)
+            answers.append(_recv_frame(sock))
+            wire = encode_frame({"id": 2, "op": "echo", "args": {}}, big)
+            head = len(wire) - len(big) + 100
+            for i in range(head):  # the head and the payload's start one byte at a time ...
+                sock.send(wire[i : i + 1])
+            for i in range(head, len(wire), 4093):  # ... the rest in odd pieces
+                sock.send(wire[i : i + 4093])
+                time.sleep(0.0002)
+            answers.append(_recv_frame(sock))
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            thread = threading.Thread(target=client, args=(port,))
+            thread.start()
+            await until(lambda: not thread.is_alive(), "the client is done", 20)
+            thread.join()
+            assert answers == [
+                ({"id": 1, "ok": True, "result": {"op": "echo", "n": len(payload)}}, payload[::-1]),
+                ({"id": 2, "ok": True, "result": {"op": "echo", "n": len(big)}}, big[::-1]),
+            ]
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+async def fake_server(answer: Callable[[asyncio.StreamWriter], Coroutine[Any, Any, None]]) -> tuple[asyncio.Server, int]:
+    """A server that does the handshake right, reads one request and lets ``answer`` reply."""
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        s_nonce = b"\x02" * 16
+        w.write(encode_frame({"hello": "shoal/1", "cluster": "demo", "node": "a", "nonce": s_nonce.hex()}))
+        hlen, plen = struct.unpack(">II", await r.readexactly(FRAME_HEADER_SIZE))
+        msg = json.loads(await r.readexactly(hlen))
+        c_nonce = parse_nonce(msg["nonce"])
+        w.write(encode_frame({"ok": True, "proof": proof(KEY, "server", "demo", s_nonce, c_nonce, "a")}))
+        hlen, plen = struct.unpack(">II", await r.readexactly(FRAME_HEADER_SIZE))
+        await r.readexactly(hlen + plen)
+        await answer(w)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_server_that_closes_mid_payload_fails_the_call(loop_factory: LoopFactory) -> None:
+    async def half_then_close(w: asyncio.StreamWriter) -> None:
+        head = encode_frame({"id": 1, "ok": True, "result": {}}, b"")
+        w.write(struct.pack(">II", len(head) - FRAME_HEADER_SIZE, MIB) + head[FRAME_HEADER_SIZE:])
+        w.write(b"x" * (MIB // 2))
+        await w.drain()
+        w.close()
+
+    async def main() -> None:
+        server, port = await fake_server(half_then_close)
+        try:
+            conn = await connect(port)
+            with pytest.raises(ConnectionResetError, match="peer closed the connection"):
+                async with asyncio.timeout(5):
+                    await conn.call("read", {}, b"req")
+            assert conn.closed
+            with pytest.raises(ConnectionResetError):
+                await conn.call("read", {})
+        finally:
+            server.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_client_that_closes_mid_payload_ends_its_connection_only(loop_factory: LoopFactory) -> None:
+    def half_then_close(port: int) -> None:
+        with _raw_client(port) as sock:
+            head = encode_frame({"id": 1, "op": "echo", "args": {}})
+            sock.sendall(struct.pack(">II", len(head) - FRAME_HEADER_SIZE, MIB) + head[FRAME_HEADER_SIZE:])
+            sock.sendall(b"x" * 1000)
+
+    async def main() -> None:
+        seen: list[Any] = []
+        srv, port = await echo_server(seen)
+        try:
+            await asyncio.to_thread(half_then_close, port)
+            await until(lambda: not srv._tasks, "the server let go of the connection")
+            assert seen == []  # the handler never saw the cut request
+            conn = await connect(port)
+            assert (await conn.call("echo", {}, b"ab"))[1] == b"ba"
+            conn.close()
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_frame_over_the_limits_closes_the_connection(loop_factory: LoopFactory) -> None:
+    def oversized(port: int) -> bytes:
+        with _raw_client(port) as sock:
+            sock.sendall(struct.pack(">II", MAX_HEADER + 1, 0))
+            return sock.recv(100)  # b"": the server closed
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            assert await asyncio.to_thread(oversized, port) == b""
+            await until(lambda: not srv._tasks, "the server let go of the connection")
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_wrong_secret_is_refused_and_counted(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            for i in (1, 2):
+                with pytest.raises(AuthenticationFailed, match="wrong cluster secret"):
+                    await connect(port, derive_key(b"x" * 32, "demo", "channel"))
+                assert srv.refusals == i
+            conn = await connect(port)  # the right one still gets in
+            assert (await conn.call("echo", {}))[0] == {"op": "echo", "n": 0}
+            conn.close()
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_silent_stranger_is_dropped_after_the_handshake_timeout(loop_factory: LoopFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "HANDSHAKE_TIMEOUT_S", 0.2)
+
+    def silent(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            _recv_frame(sock)  # the hello, then say nothing
+            return sock.recv(100)
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            assert await asyncio.to_thread(silent, port) == b""
+            assert srv.refusals == 0  # a timeout is not a refusal, as before
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_peer_that_stops_reading_holds_the_writer_in_drain(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        accepting = loop.create_task(loop.sock_accept(listener))
+        _, stream = await loop.create_connection(FrameStream, *listener.getsockname())
+        peer, _ = await accepting
+        try:
+            payload = b"p" * (32 * MIB)
+            stream.write_frame({"id": 1}, payload)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await stream.drain()  # the peer reads nothing: we wait, not buffer more
+            assert stream.transport is not None
+            assert 0 < stream.transport.get_write_buffer_size() <= len(payload) + 1024
+
+            async def read_all() -> int:
+                got = 0
+                while got < len(payload):
+                    got += len(await loop.sock_recv(peer, 1 << 20))
+                return got
+
+            reading = loop.create_task(read_all())
+            await stream.drain()  # the peer reads again: drain returns
+            stream.close()
+            await stream.wait_closed()
+            assert await reading >= len(payload)
+        finally:
+            peer.close()
+            listener.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_cancelled_call_closes_its_connection(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            conn = await connect(port)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await conn.call("sleep", {"s": 1}, b"x" * MIB)
+            assert conn.closed
+            with pytest.raises(ConnectionResetError, match="is closed"):
+                await conn.call("echo", {})
+            fresh = await connect(port)
+            assert (await fresh.call("echo", {}, b"ok"))[1] == b"ko"
+            fresh.close()
+        finally:
+            srv.close()
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_closing_here_wakes_a_waiting_reader(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        srv, port = await echo_server()
+        try:
+            conn = await connect(port)
+            call = asyncio.ensure_future(conn.call("sleep", {"s": 5}))
+            await asyncio.sleep(0.1)
+            conn.stream.close()  # e.g. the agent drops the connection
+            with pytest.raises(ConnectionResetError):
+                async with asyncio.timeout(2):
+                    await call
+        finally:
+            srv.close()
+
+    run(loop_factory, main())

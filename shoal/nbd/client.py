@@ -119,8 +119,10 @@ class _Link(asyncio.BufferedProtocol):
         self.writable.set()
         self.write_lock = asyncio.Lock()  # held while a request is written in pieces
         # small requests are corked: those made in one loop iteration leave in one
-        # write (one syscall) at the start of the next
+        # write (one syscall) at the start of the next, or as soon as _CORK_REQUESTS
+        # are corked (the server starts on those while we make the next ones)
         self._cork = bytearray()
+        self._corked = 0
         self._cork_scheduled = False
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._receiving_into = False  # the last get_buffer() gave a read's own buffer
@@ -134,10 +136,14 @@ class _Link(asyncio.BufferedProtocol):
         self._cork += header
         if payload:
             self._cork += payload
+        self._corked += 1
+        if self._corked >= _CORK_REQUESTS:
+            self.uncork()
 
     def uncork(self) -> None:
         """Write what is corked now (before anything written to the transport directly)."""
         self._cork_scheduled = False
+        self._corked = 0
         if not self._cork:
             return
         out, self._cork = self._cork, bytearray()  # the transport may keep ``out``
@@ -654,6 +660,10 @@ def _name(cmd: int) -> str:
 _PIECE = 256 * 1024
 _SCRATCH = 256 * 1024  # receive buffer for everything but the data of reads
 _CORK_MAX = 64 * 1024  # larger payloads are written at once, not copied into the cork
+#: corked requests that leave at once without waiting for the end of the loop iteration:
+#: one write per 16 queued 4 KiB reads made the client and the server take turns; in
+#: fours they overlap (4 KiB reads at depth 16 on 2 cores: ~10% faster)
+_CORK_REQUESTS = 4
 
 
 async def _write_in_pieces(

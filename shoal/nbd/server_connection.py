@@ -20,7 +20,9 @@
   one preallocated output buffer (READ data is ``preadv``'d straight into it)
   and sent with a single ``transport.write``; so are the replies of pool jobs
   and tasks that complete in one loop iteration (a flush scheduled with
-  ``call_soon``). Those that complete while the transport is paused wait in ``_backlog`` instead of
+  ``call_soon``). Once 16 KiB are buffered and the transport has nothing queued,
+  they leave at once, so the client works on them while we make the rest.
+  Those that complete while the transport is paused wait in ``_backlog`` instead of
   the transport's buffer (see ``_send_backlog``). Replies may be out of order;
   the spec allows that.
 - **Back-pressure.** We stop reading while the transport's write buffer is
@@ -105,6 +107,8 @@ _WRITE = int(Cmd.WRITE)
 _RX_INITIAL = 256 * 1024
 _RX_MIN_FREE = 64 * 1024
 _OUT_SIZE = 1024 * 1024 + 64
+#: replies buffered beyond this are sent at once (see _flush_early)
+_FLUSH_EARLY = 16 * 1024
 #: reply data at least this large goes to the transport as is, not through _out
 _WRITE_DIRECT_MIN = 64 * 1024
 #: requests of one connection in the pool or in tasks before we stop reading ...
@@ -647,6 +651,8 @@ class Connection(asyncio.BufferedProtocol):
             )
             return
         self._opos = pos + h + length
+        if self._opos >= _FLUSH_EARLY:
+            self._flush_early()
 
     def _write_inline(self, req: Request, payload: memoryview) -> None:
         backend = self._backend
@@ -729,6 +735,8 @@ class Connection(asyncio.BufferedProtocol):
                 copied = self._queue(piece) and copied
             if copied or not self._keeps_views:
                 self._give_back(buf)  # else the transport may still read it
+            if self._opos >= _FLUSH_EARLY:
+                self._flush_early()
         if self._opos and not self._flush_scheduled:
             # the replies completing in this loop iteration leave in one write
             self._flush_scheduled = True
@@ -761,6 +769,13 @@ class Connection(asyncio.BufferedProtocol):
         self._outv[self._opos : self._opos + n] = data
         self._opos += n
         return True
+
+    def _flush_early(self) -> None:
+        """Send what is buffered now, not at the end of this step, if the transport
+        has nothing queued (the client starts on these replies while we make the next
+        ones; a transport already backed up gains nothing from it)."""
+        if self.transport is not None and not self.transport.get_write_buffer_size():
+            self._flush_out()
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

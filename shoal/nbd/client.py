@@ -42,6 +42,7 @@ import itertools
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -159,22 +160,24 @@ class _Link(asyncio.BufferedProtocol):
         return into if into is not None else self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        if not self._receiving_into:
+        if self._receiving_into:
+            self._deliver(lambda: self.parser.received_into(nbytes))
+        else:
             self.data_received(self._scratch[:nbytes])  # the parsers copy what they keep
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self.hs is None:
+            self._deliver(lambda: self.parser.receive_data(data))
             return
         try:
-            for event in self.parser.received_into(nbytes):
-                self.client._on_reply(event)
+            self._handshake(data)
         except NBDError as err:
             self._fail(err)
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def _deliver(self, parse: Callable[[], list[ReplyEvent]]) -> None:
         try:
-            if self.hs is not None:
-                self._handshake(data)
-            else:
-                for event in self.parser.receive_data(data):
-                    self.client._on_reply(event)
+            for event in parse():
+                self.client._on_reply(event)
         except NBDError as err:
             self._fail(err)
 

@@ -63,6 +63,7 @@ from shoal.nbd.errors import (
 from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_key
 from shoal.nbd.replies import ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
+from shoal.util.buffers import unzeroed
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,15 @@ class _Link(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        into = self.parser.want_into() if self.hs is None else None
+        if self.hs is not None:
+            self._receiving_into = False
+            return self._scratch
+        into = self.parser.want_into()
         self._receiving_into = into is not None
-        return into if into is not None else self._scratch
+        if into is not None:
+            return into
+        room = self.parser.header_room()
+        return self._scratch if room is None else self._scratch[:room]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._receiving_into:
@@ -568,8 +575,8 @@ class NBDClient:
             fut: asyncio.Future[object] = loop.create_future()
             pending = _Pending(cmd, offset, fut, loop.time())
             if cmd == Cmd.READ:
-                pending.buf = bytearray(length)
-                link.parser.expect_read(cookie, offset, length, pending.buf)
+                pending.buf = unzeroed(length)  # the parser zeroes what the reply leaves unfilled
+                link.parser.expect_read(cookie, offset, length, pending.buf, stale=True)
             self._pending[cookie] = pending
             self._arm_watchdog()
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)

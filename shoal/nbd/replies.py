@@ -28,6 +28,9 @@ from shoal.nbd.constants import (
 from shoal.nbd.errors import RemoteProtocolError
 
 SIMPLE = wire.SIMPLE_REPLY.size
+#: see ReplyParser.header_room
+LARGE_READ = 128 * 1024
+HEADER_ROOM = 8 * 1024
 DATA_HEADER = wire.DATA_CHUNK_HEADER.size
 _simple_pack = wire.SIMPLE_REPLY.pack
 _simple_pack_into = wire.SIMPLE_REPLY.pack_into
@@ -134,14 +137,56 @@ class ReplyParser:
         # of the stream go, and the event to report once they have all arrived
         self._into: memoryview | None = None
         self._into_event: ReplyEvent | None = None
+        # reads whose destination still holds stale bytes somewhere (see expect_read)
+        self._stale: set[int] = set()
+        self._large = 0  # reads in flight of at least LARGE_READ bytes
 
     def expect_read(
-        self, cookie: int, offset: int, length: int, dest: bytearray | None = None
+        self, cookie: int, offset: int, length: int, dest: bytearray | None = None, *, stale: bool = False
     ) -> None:
+        """``stale``: ``dest`` holds old bytes (it was not zeroed); the parser makes
+        sure that every byte the server's reply does not fill ends as zero, as if it
+        had been (holes, chunks that leave gaps, a reply without data)."""
         self._reads[cookie] = (offset, length, dest)
+        if stale and dest is not None:
+            self._stale.add(cookie)
+        if length >= LARGE_READ:
+            self._large += 1
 
     def forget(self, cookie: int) -> None:
-        self._reads.pop(cookie, None)
+        self._forget(cookie)
+        self._stale.discard(cookie)
+
+    def _forget(self, cookie: int) -> tuple[int, int, bytearray | None] | None:
+        read = self._reads.pop(cookie, None)
+        if read is not None and read[1] >= LARGE_READ:
+            self._large -= 1
+        return read
+
+    def header_room(self) -> int | None:
+        """How much a caller should receive at once while no read's data is due: with
+        a large read in flight, little (the next reply may be its header, and what
+        arrives with a header is copied; the rest lands in place), else no limit."""
+        return HEADER_ROOM if self._large and self._into is None else None
+
+    def _finish(self, cookie: int) -> None:
+        """The read's reply is complete: a destination still stale was never written
+        by a chunk at all, so it is all zeros."""
+        read = self._forget(cookie)
+        if cookie in self._stale:
+            self._stale.discard(cookie)
+            if read is not None and read[2] is not None:
+                read[2][:] = bytes(len(read[2]))
+
+    def _clean(self, cookie: int, dest: bytearray, start: int, n: int) -> None:
+        """Before the first chunk lands at ``dest[start:start + n]``, zero the rest of
+        a stale destination (later chunks overwrite their parts of it)."""
+        if cookie in self._stale:
+            self._stale.discard(cookie)
+            if start:
+                dest[:start] = bytes(start)
+            if start + n < len(dest):
+                dest[start + n :] = bytes(len(dest) - start - n)
 
     def want_into(self) -> memoryview | None:
         """Where the next bytes of the stream belong, if they are the rest of a read's
@@ -162,13 +207,16 @@ class ReplyParser:
         event, self._into_event = self._into_event, None
         assert event is not None
         if event.done:
-            self._reads.pop(event.cookie, None)
+            self._finish(event.cookie)
         return event
 
-    def _start_into(self, dest: bytearray, start: int, n: int, head: int, event: ReplyEvent) -> None:
+    def _start_into(
+        self, cookie: int, dest: bytearray, start: int, n: int, head: int, event: ReplyEvent
+    ) -> None:
         """The buffer holds a read's header (``head`` bytes) and the first part of its
         ``n`` bytes of data: copy that part to ``dest[start:]``; the rest goes there
         straight from the stream."""
+        self._clean(cookie, dest, start, n)
         buf = self._buf
         have = len(buf) - head
         with memoryview(buf) as view:
@@ -211,7 +259,7 @@ class ReplyParser:
                 if len(buf) < end:
                     if dest is not None and len(dest) == read[1]:
                         event = ReplyEvent(cookie, True, offset=read[0], filled=read[1])
-                        self._start_into(dest, 0, read[1], SIMPLE, event)
+                        self._start_into(cookie, dest, 0, read[1], SIMPLE, event)
                     return None
                 if dest is not None and len(dest) == read[1]:
                     with memoryview(buf) as view:
@@ -222,7 +270,9 @@ class ReplyParser:
             else:
                 end, data = SIMPLE, b""
             del buf[:end]
-            self._reads.pop(cookie, None)
+            if filled:
+                self._stale.discard(cookie)  # filled whole
+            self._finish(cookie)
             offset = read[0] if read else 0
             return ReplyEvent(cookie, True, error=error, offset=offset, data=data, filled=filled)
         if magic != STRUCTURED_REPLY_MAGIC:
@@ -238,16 +288,25 @@ class ReplyParser:
                 head = wire.CHUNK_HEADER.size + 8
                 if len(buf) >= head:
                     offset, start, n = self._data_place(buf, read, end)
-                    self._start_into(read[2], start, n, head, ReplyEvent(cookie, done, offset=offset, filled=n))
+                    event = ReplyEvent(cookie, done, offset=offset, filled=n)
+                    self._start_into(cookie, read[2], start, n, head, event)
             return None
         if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
             event = self._data_into(buf, cookie, done, end, read)
         else:
             event = _chunk_event(cookie, done, ctype, bytes(buf[wire.CHUNK_HEADER.size : end]))
+            if event.hole and read is not None and read[2] is not None:
+                self._zero_hole(cookie, read[2], event.offset - read[0], event.hole)
         del buf[:end]
         if done:
-            self._reads.pop(cookie, None)
+            self._finish(cookie)
         return event
+
+    def _zero_hole(self, cookie: int, dest: bytearray, start: int, n: int) -> None:
+        if start < 0 or start + n > len(dest):
+            raise RemoteProtocolError("read reply hole lies outside the request")
+        self._clean(cookie, dest, start, n)
+        dest[start : start + n] = bytes(n)
 
     def _data_into(
         self,
@@ -261,6 +320,7 @@ class ReplyParser:
         offset, start, n = self._data_place(buf, read, end)
         dest = read[2]
         assert dest is not None
+        self._clean(cookie, dest, start, n)
         head = wire.CHUNK_HEADER.size + 8
         with memoryview(buf) as view:
             dest[start : start + n] = view[head:end]

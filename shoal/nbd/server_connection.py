@@ -95,6 +95,7 @@ from shoal.nbd.server_work import (
     run_async,
     run_blocking,
 )
+from shoal.util.buffers import unzeroed
 
 if TYPE_CHECKING:
     from shoal.nbd.server import NBDServer
@@ -796,5 +797,5 @@ class Connection(asyncio.BufferedProtocol):
             self._grow_out(len(self._out))
 
     def _grow_out(self, size: int) -> None:
-        self._out = bytearray(size)
+        self._out = unzeroed(size)  # only what was written into it is ever sent
         self._outv = memoryview(self._out)

@@ -30,6 +30,7 @@ from shoal.nbd.backend import AsyncBackend, Backend
 from shoal.nbd.constants import EIO, Cmd, CmdFlag
 from shoal.nbd.errors import BackendError
 from shoal.nbd.requests import Request
+from shoal.util.buffers import unzeroed
 
 log = logging.getLogger("shoal.nbd.server")
 
@@ -95,7 +96,7 @@ class BufferPool:
         if idle:
             self._idle_bytes -= capacity
             return idle.pop()
-        return bytearray(capacity)
+        return unzeroed(capacity)  # a job writes what it uses: read_into or a payload copy
 
     def give(self, buf: bytearray) -> None:
         if self._idle_bytes + len(buf) <= self.max_bytes:

@@ -64,6 +64,7 @@ from shoal.netft.protocol import (
     parse_nonce,
     proof,
 )
+from shoal.util.buffers import unzeroed
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class FrameReceiver:
     def _begin_part(self, size: int, start: int) -> None:
         """Receive the next ``size`` bytes in place; those from ``start`` to the end of
         the scratch buffer's data have arrived already (fewer than ``size``)."""
-        part = bytearray(size)
+        part = unzeroed(size)  # every byte is received before the frame is emitted
         arrived = self._end - start
         part[:arrived] = self._rxv[start : self._end]
         self._start = self._end

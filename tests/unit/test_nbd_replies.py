@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from shoal.nbd import wire
+from shoal.nbd.constants import REPLY_FLAG_DONE, STRUCTURED_REPLY_MAGIC, Chunk
 from shoal.nbd.errors import RemoteProtocolError
 from shoal.nbd.replies import ReplyEvent, ReplyParser, error_reply, pack_read_header
 
@@ -69,3 +71,49 @@ def test_a_chunk_outside_its_read_is_refused_before_any_byte_lands() -> None:
     with pytest.raises(RemoteProtocolError, match="outside the request"):
         parser.receive_data(stream[:40])
     assert dest == bytearray(4096)
+
+
+def chunk(cookie: int, ctype: int, payload: bytes, done: bool) -> bytes:
+    return wire.CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, ctype, cookie,
+                                  len(payload)) + payload
+
+
+def data_chunk(cookie: int, offset: int, data: bytes, done: bool = False) -> bytes:
+    return chunk(cookie, Chunk.OFFSET_DATA, wire.U64.pack(offset) + data, done)
+
+
+def hole_chunk(cookie: int, offset: int, n: int, done: bool = False) -> bytes:
+    return chunk(cookie, Chunk.OFFSET_HOLE, wire.U64.pack(offset) + wire.U32.pack(n), done)
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_a_stale_buffer_ends_as_the_reply_or_zeros_never_as_old_bytes(into: bool) -> None:
+    """A read's buffer need not be zeroed first (util.buffers.unzeroed): whatever the
+    reply leaves unfilled (holes, gaps between chunks, no data at all) reads as zeros."""
+    rng = random.Random(3)
+    n, base = 256 * 1024, 1 << 30
+    a, b = rng.randbytes(64 * 1024), rng.randbytes(32 * 1024)
+    cases = {
+        # cookie: (stream, the content the read must end with)
+        1: (data_chunk(1, base, a + a + a + a, done=True), a * 4),
+        2: (hole_chunk(2, base, n // 2) + data_chunk(2, base + n // 2, a + a, done=True), bytes(n // 2) + a + a),
+        3: (data_chunk(3, base + 1000, b) + data_chunk(3, base + n - len(b), b) + chunk(3, Chunk.NONE, b"", True),
+            bytes(1000) + b + bytes(n - 1000 - 2 * len(b)) + b),
+        4: (chunk(4, Chunk.NONE, b"", True), bytes(n)),
+        5: (read_reply(5, base, a * 4, structured=False), a * 4),
+    }
+    for cookie, (stream, want) in cases.items():
+        parser = ReplyParser()
+        dest = bytearray(b"\xee" * n)  # what an unzeroed buffer may hold
+        parser.expect_read(cookie, base, n, dest, stale=True)
+        events = feed(parser, stream, rng, into)
+        assert events and events[-1].done and not any(e.error for e in events)
+        assert dest == want, f"case {cookie}: the buffer kept old bytes or lost reply bytes"
+
+
+def test_a_hole_outside_its_read_is_refused() -> None:
+    parser = ReplyParser()
+    dest = bytearray(4096)
+    parser.expect_read(1, 8192, 4096, dest, stale=True)
+    with pytest.raises(RemoteProtocolError, match="outside the request"):
+        parser.receive_data(hole_chunk(1, 8192 + 2048, 4096, done=True))

@@ -84,6 +84,11 @@ class CoordinatorRole:
         self._minority_since: float | None = None
         self.became_at = 0.0
         self.vms = VMRegistry(self)
+        #: one administrative operation at a time (move, repair, maintenance on/off):
+        #: a move in the middle of a defrag, or maintenance cleared under it, would
+        #: pull the ground from under it; ``admin_what`` says which one runs
+        self.admin = asyncio.Lock()
+        self.admin_what = ""
 
     @property
     def me(self) -> str:

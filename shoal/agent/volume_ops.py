@@ -15,16 +15,18 @@ does not answer is fenced). ``repair`` sets it and clears it by itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent.coordinator_role import CoordinatorRole, _not_coordinator
 from shoal.agent.errors import AgentError
 from shoal.agent.volumes import LONG_LANE
 from shoal.datapath.states import Reason
-from shoal.netft.errors import NetftError
+from shoal.netft.errors import NetftError, RemoteError
 from shoal.volume.defrag import defrag
 from shoal.volume.fsck import fsck_online
 from shoal.volume.lease import LeaseArea
@@ -79,7 +81,10 @@ async def peer_request(agent: NodeAgent, peer: str, op: str, args: dict[str, Any
     handler = _PEER_OPS.get(op)
     if handler is None:
         return {"error": "invalid-argument", "message": f"unknown volume request {op}"}, b""
-    return await handler(rt, peer, args), b""
+    try:
+        return await handler(rt, peer, args), b""
+    except AgentError as err:  # a refusal, for the user: the sentence travels as it is
+        raise RemoteError(str(err)) from err
 
 
 async def _whois(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -149,11 +154,27 @@ def _role(rt: VolumeRuntime) -> CoordinatorRole:
     return rt.role
 
 
+@contextlib.asynccontextmanager
+async def _exclusive(role: CoordinatorRole, what: str) -> AsyncIterator[None]:
+    """Run one administrative operation; refuse (not queue) while another one runs."""
+    if role.admin.locked():
+        raise AgentError(f"{role.rt.name} is busy: {role.admin_what} is running on {role.me}; "
+                         f"retry {what} when it has finished")
+    async with role.admin:
+        role.admin_what = what
+        try:
+            yield
+        finally:
+            role.admin_what = ""
+
+
 async def _move(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str, Any]:
     to = str(args["to"])
     if to == rt.node:
         return {"from": rt.node, "to": to, "paused_ms": 0.0, "epoch": rt.epoch, "note": "already coordinator"}
-    return await _role(rt).hand_over(to, planned=True)
+    role = _role(rt)
+    async with _exclusive(role, f"the move to {to}"):
+        return await role.hand_over(to, planned=True)
 
 
 async def set_maintenance(rt: VolumeRuntime, on: bool) -> dict[str, Any]:
@@ -173,7 +194,9 @@ async def set_maintenance(rt: VolumeRuntime, on: bool) -> dict[str, Any]:
 
 
 async def _maintenance_set(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str, Any]:
-    return await set_maintenance(rt, bool(args["on"]))
+    on = bool(args["on"])
+    async with _exclusive(_role(rt), f"maintenance {'on' if on else 'off'}"):
+        return await set_maintenance(rt, on)
 
 
 async def _repair(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +204,13 @@ async def _repair(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[st
     if kind not in ("fsck", "defrag"):
         raise AgentError(f"repair runs fsck or defrag, not {kind!r}")
     role = _role(rt)
+    async with _exclusive(role, f"the {kind} repair"):
+        report, problems, seconds = await _repair_now(rt, role, kind)
+    return {"volume": rt.name, "kind": kind, "coordinator": rt.node, "report": report,
+            "problems": problems, "seconds": seconds}
+
+
+async def _repair_now(rt: VolumeRuntime, role: CoordinatorRole, kind: str) -> tuple[dict[str, Any], bool, float]:
     was_on = rt.maintenance
     t0 = time.monotonic()
     if not was_on:
@@ -198,8 +228,7 @@ async def _repair(rt: VolumeRuntime, peer: str, args: dict[str, Any]) -> dict[st
     finally:
         if not was_on:
             await set_maintenance(rt, False)
-    return {"volume": rt.name, "kind": kind, "coordinator": rt.node, "report": report,
-            "problems": problems, "seconds": round(time.monotonic() - t0, 3)}
+    return report, problems, round(time.monotonic() - t0, 3)
 
 
 async def _fsck_online(rt: VolumeRuntime, role: CoordinatorRole) -> dict[str, Any]:
@@ -229,6 +258,8 @@ async def forward_to_coordinator(rt: VolumeRuntime, op: str, args: dict[str, Any
     try:
         # moves, maintenance and repairs take as long as they take (a lane of their own)
         result, _, _ = await rt.agent.call_peer(coord, op, args, lane=LONG_LANE, timeout_s=LONG_OP_TIMEOUT_S)
+    except RemoteError as err:  # it answered: with a refusal
+        raise AgentError(str(err)) from err
     except NetftError as err:
         raise AgentError(f"the coordinator {coord} of {rt.name} did not answer: {err}") from err
     return result

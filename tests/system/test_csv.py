@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from shoal.agent.errors import ControlError
 from shoal.lab.lab import Lab, LabState
 from tests.system import csv_helpers as h
 from tests.system.lab_helpers import running_lab, shoal_ok, wait_for
@@ -257,6 +258,9 @@ def test_every_node_loses_the_lun(lab: tuple[Lab, LabState]) -> None:
 def test_defrag_while_other_nodes_write(lab: tuple[Lab, LabState]) -> None:
     _, st = lab
     coord = str(h.coordinator(st))
+    # a refusal by the coordinator reaches the node that forwarded it as its sentence
+    with pytest.raises(ControlError, match=r"^node\d: repair runs fsck or defrag, not 'bogus'$"):
+        h.request_repair(st, h.others(st, coord)[0], "bogus")
     writers = []
     for i, node in enumerate(h.others(st, coord)):
         h.create(st, node, f"/defrag{i}.raw", 32 * MiB)

@@ -6,12 +6,13 @@ byte, peers that vanish mid-payload or stop reading, strangers and cut-off calls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -171,8 +172,10 @@ def run(loop_factory: LoopFactory, main: Coroutine[Any, Any, None], timeout_s: f
         runner.run(bounded())
 
 
-async def echo_server(seen: list[Any] | None = None) -> tuple[ChannelServer, int]:
-    """A server whose handler answers with the payload reversed (and records its type)."""
+@contextlib.asynccontextmanager
+async def echo_server(seen: list[Any] | None = None) -> AsyncIterator[tuple[ChannelServer, int]]:
+    """A server whose handler answers with the payload reversed (and records its type);
+    closed when the block ends."""
 
     async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
         if seen is not None:
@@ -183,7 +186,10 @@ async def echo_server(seen: list[Any] | None = None) -> tuple[ChannelServer, int
 
     srv = ChannelServer("demo", "a", KEY, handler)
     await srv.listen("cluster", "127.0.0.1", 0)
-    return srv, srv.servers["cluster"].sockets[0].getsockname()[1]
+    try:
+        yield srv, srv.servers["cluster"].sockets[0].getsockname()[1]
+    finally:
+        srv.close()
 
 
 async def connect(port: int, key: bytes = KEY) -> Connection:
@@ -202,8 +208,7 @@ async def until(cond: Callable[[], bool], what: str, timeout_s: float = 5) -> No
 def test_round_trips_of_every_size(loop_factory: LoopFactory) -> None:
     async def main() -> None:
         seen: list[Any] = []
-        srv, port = await echo_server(seen)
-        try:
+        async with echo_server(seen) as (srv, port):
             conn = await connect(port)
             for n in (0, 1, 64 * 1024 - 1, MIB, 5 * MIB):
                 payload = bytes(range(251)) * (n // 251) + bytes(n % 251)
@@ -213,8 +218,6 @@ def test_round_trips_of_every_size(loop_factory: LoopFactory) -> None:
             conn.close()
             # the large ones arrived in place, in a bytearray of their own
             assert seen[-1] is bytearray and seen[-2] is bytearray
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -222,8 +225,7 @@ def test_round_trips_of_every_size(loop_factory: LoopFactory) -> None:
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_many_calls_back_to_back_and_from_several_tasks(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             conn = await connect(port)
             for i in range(300):
                 payload = bytes([i % 256]) * (i * 37 % 70_000)
@@ -239,8 +241,6 @@ def test_many_calls_back_to_back_and_from_several_tasks(loop_factory: LoopFactor
             await asyncio.gather(*(caller(k) for k in range(8)))  # one at a time, on the lock
             assert not conn.closed
             conn.close()
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -296,8 +296,7 @@ def test_a_request_dribbled_byte_by_byte(loop_factory: LoopFactory) -> None:
             answers.append(_recv_frame(sock))
 
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             thread = threading.Thread(target=client, args=(port,))
             thread.start()
             await until(lambda: not thread.is_alive(), "the client is done", 20)
@@ -306,8 +305,6 @@ def test_a_request_dribbled_byte_by_byte(loop_factory: LoopFactory) -> None:
                 ({"id": 1, "ok": True, "result": {"op": "echo", "n": len(payload)}}, payload[::-1]),
                 ({"id": 2, "ok": True, "result": {"op": "echo", "n": len(big)}}, big[::-1]),
             ]
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -365,16 +362,13 @@ def test_a_client_that_closes_mid_payload_ends_its_connection_only(loop_factory:
 
     async def main() -> None:
         seen: list[Any] = []
-        srv, port = await echo_server(seen)
-        try:
+        async with echo_server(seen) as (srv, port):
             await asyncio.to_thread(half_then_close, port)
             await until(lambda: not srv._tasks, "the server let go of the connection")
             assert seen == []  # the handler never saw the cut request
             conn = await connect(port)
             assert (await conn.call("echo", {}, b"ab"))[1] == b"ba"
             conn.close()
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -387,12 +381,9 @@ def test_a_frame_over_the_limits_closes_the_connection(loop_factory: LoopFactory
             return sock.recv(100)  # b"": the server closed
 
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             assert await asyncio.to_thread(oversized, port) == b""
             await until(lambda: not srv._tasks, "the server let go of the connection")
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -400,8 +391,7 @@ def test_a_frame_over_the_limits_closes_the_connection(loop_factory: LoopFactory
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_wrong_secret_is_refused_and_counted(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             for i in (1, 2):
                 with pytest.raises(AuthenticationFailed, match="wrong cluster secret"):
                     await connect(port, derive_key(b"x" * 32, "demo", "channel"))
@@ -409,8 +399,6 @@ def test_wrong_secret_is_refused_and_counted(loop_factory: LoopFactory) -> None:
             conn = await connect(port)  # the right one still gets in
             assert (await conn.call("echo", {}))[0] == {"op": "echo", "n": 0}
             conn.close()
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -426,12 +414,9 @@ def test_a_silent_stranger_is_dropped_after_the_handshake_timeout(loop_factory: 
             return sock.recv(100)
 
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             assert await asyncio.to_thread(silent, port) == b""
             assert srv.refusals == 0  # a timeout is not a refusal, as before
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -475,8 +460,7 @@ def test_a_peer_that_stops_reading_holds_the_writer_in_drain(loop_factory: LoopF
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_cancelled_call_closes_its_connection(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             conn = await connect(port)
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.2):
@@ -487,8 +471,6 @@ def test_a_cancelled_call_closes_its_connection(loop_factory: LoopFactory) -> No
             fresh = await connect(port)
             assert (await fresh.call("echo", {}, b"ok"))[1] == b"ko"
             fresh.close()
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -496,8 +478,7 @@ def test_a_cancelled_call_closes_its_connection(loop_factory: LoopFactory) -> No
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_closing_here_wakes_a_waiting_reader(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        srv, port = await echo_server()
-        try:
+        async with echo_server() as (srv, port):
             conn = await connect(port)
             call = asyncio.ensure_future(conn.call("sleep", {"s": 5}))
             await asyncio.sleep(0.1)
@@ -505,7 +486,5 @@ def test_closing_here_wakes_a_waiting_reader(loop_factory: LoopFactory) -> None:
             with pytest.raises(ConnectionResetError):
                 async with asyncio.timeout(2):
                     await call
-        finally:
-            srv.close()
 
     run(loop_factory, main())

@@ -283,15 +283,18 @@ class ReplyParser:
         end = wire.CHUNK_HEADER.size + length
         done = bool(flags & REPLY_FLAG_DONE)
         read = self._reads.get(cookie)
+        # data for a read with a destination: it goes there, not into a new bytes object
+        into = ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9
         if len(buf) < end:
-            if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
-                head = wire.CHUNK_HEADER.size + 8
-                if len(buf) >= head:
-                    offset, start, n = self._data_place(buf, read, end)
-                    event = ReplyEvent(cookie, done, offset=offset, filled=n)
-                    self._start_into(cookie, read[2], start, n, head, event)
+            head = wire.CHUNK_HEADER.size + 8
+            if into and len(buf) >= head:
+                assert read is not None and read[2] is not None
+                offset, start, n = self._data_place(buf, read, end)
+                event = ReplyEvent(cookie, done, offset=offset, filled=n)
+                self._start_into(cookie, read[2], start, n, head, event)
             return None
-        if ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9:
+        if into:
+            assert read is not None
             event = self._data_into(buf, cookie, done, end, read)
         else:
             event = _chunk_event(cookie, done, ctype, bytes(buf[wire.CHUNK_HEADER.size : end]))

@@ -64,6 +64,7 @@ from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_ke
 from shoal.nbd.replies import ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 from shoal.util.buffers import unzeroed
+from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
 
@@ -585,8 +586,7 @@ class NBDClient:
                 link.send_small(header, payload)
             elif len(payload) <= _PIECE and not link.write_lock.locked():
                 link.uncork()
-                link.transport.write(header)
-                link.transport.write(payload)
+                write_together(link.transport, (header, payload))
             else:
                 try:
                     await _write_in_pieces(link, header, payload)
@@ -684,9 +684,9 @@ async def _write_in_pieces(
         transport = link.transport
         assert transport is not None
         link.uncork()
-        transport.write(header)
         view = memoryview(payload)
-        for pos in range(0, len(view), _PIECE):
+        write_together(transport, (header, view[:_PIECE]))
+        for pos in range(_PIECE, len(view), _PIECE):
             await link.writable.wait()
             if transport.is_closing():
                 return  # aborted: the request's future carries the error

@@ -96,6 +96,7 @@ from shoal.nbd.server_work import (
     run_blocking,
 )
 from shoal.util.buffers import unzeroed
+from shoal.util.transports import write_together
 
 if TYPE_CHECKING:
     from shoal.nbd.server import NBDServer
@@ -761,12 +762,11 @@ class Connection(asyncio.BufferedProtocol):
         """Append to the output buffer; False if ``data`` went to the transport as is
         (large data, which a copy would only slow down)."""
         n = len(data)
-        if n >= _WRITE_DIRECT_MIN or self._opos + n > len(self._out):
+        if n >= _WRITE_DIRECT_MIN or n > len(self._out):
+            self._flush_out(data)  # with what is buffered (its header), in one send
+            return False
+        if self._opos + n > len(self._out):
             self._flush_out()
-            if n >= _WRITE_DIRECT_MIN or n > len(self._out):
-                if self.transport is not None:
-                    self.transport.write(data)
-                return False
         self._outv[self._opos : self._opos + n] = data
         self._opos += n
         return True
@@ -782,15 +782,20 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._flush_out()
 
-    def _flush_out(self) -> None:
-        if not self._opos or self.transport is None:
-            self._opos = 0
-            return
+    def _flush_out(self, then: bytes | bytearray | memoryview = b"") -> None:
+        """Send what is buffered, and ``then`` after it (as it is, in the same send)."""
         transport = self.transport
-        if transport.is_closing():
+        if transport is None or transport.is_closing():
             self._opos = 0
             return
-        transport.write(self._outv[: self._opos])
+        if not self._opos:
+            if then:
+                transport.write(then)
+            return
+        if then:
+            write_together(transport, (self._outv[: self._opos], then))
+        else:
+            transport.write(self._outv[: self._opos])
         self._opos = 0
         if self._keeps_views and transport.get_write_buffer_size():
             # the unsent tail still references our buffer: take a fresh one

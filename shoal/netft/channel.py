@@ -31,9 +31,10 @@ Layers, bottom up:
   request/answer loop.
 
 Payloads handed to the handler and returned by ``call`` are ``bytes`` or, when
-received in place, a ``bytearray``. Payloads we send go to ``transport.write``
-as they are; uvloop keeps a view of what it could not send yet, so a caller
-must not change a payload after passing it here.
+received in place, a ``bytearray``. Payloads we send go to the transport as they
+are, with their frame's head in the same send (``util.transports``); uvloop keeps
+a view of what it could not send yet, so a caller must not change a payload after
+passing it here.
 
 This module takes no timeouts of its own except where it must bound a
 handshake with a stranger; callers wrap calls in ``asyncio.timeout()``.
@@ -65,6 +66,7 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.buffers import unzeroed
+from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +306,7 @@ class FrameStream(asyncio.BufferedProtocol):
         if len(payload) < _SEND_AS_IS:
             transport.write(encode_frame(header, payload))
         else:
-            transport.write(encode_frame_head(header, len(payload)))
-            transport.write(payload)
+            write_together(transport, (encode_frame_head(header, len(payload)), payload))
 
     async def drain(self) -> None:
         """Return once the transport is under its high-water mark again."""

@@ -70,6 +70,24 @@ AGENT_START_TIMEOUT_S = 30.0
 TARGET_START_TIMEOUT_S = 20.0
 HOLD_TIMEOUT_S = 60.0
 MAX_NODES = 200
+#: every lab host (each node and the switch) is a LAN host with the kernel's defaults,
+#: whatever the machine running the lab chose for itself: IPv4 only, and cubic, not
+#: BBR (some images set BBR machine-wide; its pacing, meant for WAN paths, leaves the
+#: CPUs idle between the bursts of a sub-millisecond LAN: 1 MiB reads through the
+#: coordinator took 0.59-0.78 s per 512 MiB with BBR against 0.42-0.45 s with cubic;
+#: docs/LAB.md). A new namespace starts with the machine's choice, so it is set here.
+LAB_HOST_SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+    "net.ipv4.tcp_congestion_control": "cubic",
+}
+#: the switch forwards frames as a switch does: not through the machine's iptables
+#: (br_netfilter, when some other program loaded it, would run them on every frame)
+LAB_SWITCH_SYSCTLS = {
+    "net.bridge.bridge-nf-call-iptables": "0",
+    "net.bridge.bridge-nf-call-ip6tables": "0",
+    "net.bridge.bridge-nf-call-arptables": "0",
+}
 
 
 def lab_mac(node_index: int, network_index: int) -> str:
@@ -205,9 +223,9 @@ class Lab:
         if netns.list_netns(st.prefix):
             raise LabExists(f"namespaces {st.prefix}* already exist; run 'shoal lab down --name {st.name}' first.")
         netns.batch([f"netns add {st.switch}"] + [f"netns add {st.ns(n)}" for n in st.nodes])
-        no_v6 = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
         for ns in [st.switch, *(st.ns(n) for n in st.nodes)]:
-            netns.sysctl_in(ns, no_v6)
+            netns.sysctl_in(ns, LAB_HOST_SYSCTLS)
+        netns.sysctl_in(st.switch, LAB_SWITCH_SYSCTLS)
         sw = ["link set lo up"]
         for k, net in enumerate(cfg.networks, 1):
             sw.append(f"link add br{k} type bridge forward_delay 0 stp_state 0")

@@ -198,3 +198,21 @@ def test_wrong_secret_is_refused_and_says_why(lab3: tuple[Lab, LabState], tmp_pa
     assert "refused agent connection" in log1 and "claiming to be node3" in log1
     lab.start("node3")
     wait_for(lambda: all_up(st), 15, "the real node3 joins again")
+
+
+def test_lab_hosts_are_lan_hosts_whatever_the_machine_chose(lab3: tuple[Lab, LabState]) -> None:
+    """Every lab namespace runs IPv4 only with cubic (not, say, the machine's BBR), and
+    the switch forwards frames without running the machine's iptables on them."""
+    _, st = lab3
+
+    def sysctl(ns: str, key: str) -> str | None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        p = subprocess.run(["ip", "netns", "exec", ns, "cat", path], capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    for ns in [st.switch, *(st.ns(n) for n in st.nodes)]:
+        assert sysctl(ns, "net.ipv4.tcp_congestion_control") == "cubic", ns
+        assert sysctl(ns, "net.ipv6.conf.all.disable_ipv6") == "1", ns
+    if sysctl(st.switch, "net.bridge.bridge-nf-call-iptables") is not None:  # only with br_netfilter loaded
+        for key in ("iptables", "ip6tables", "arptables"):
+            assert sysctl(st.switch, f"net.bridge.bridge-nf-call-{key}") == "0", key

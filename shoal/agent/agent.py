@@ -53,6 +53,7 @@ from shoal.netft.heartbeatd import Peer, Setup
 from shoal.netft.links import LinkState
 from shoal.netft.protocol import derive_key
 from shoal.netft.routing import Metric, Route, assign_metrics, choose_route, failover_order
+from shoal.util.pipes import Piped
 
 log = logging.getLogger("shoal.agent")
 
@@ -432,7 +433,9 @@ class NodeAgent:
                 log.error("cannot listen for agents on %s port %d (network %s): %s",
                           self.me.addresses[net], self.cfg.rpc_port, net, err.strerror)
 
-    async def _peer_request(self, peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+    async def _peer_request(
+        self, peer: str, op: str, args: dict[str, Any], payload: bytes
+    ) -> tuple[Any, bytes | Piped]:
         if op == "hello":
             return {"node": self.name, "generation": self.cfg.generation}, b""
         if op == "view":

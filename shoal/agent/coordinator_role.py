@@ -41,6 +41,7 @@ from shoal.membership import NodeState
 from shoal.nbd.client import preempt
 from shoal.nbd.errors import FencingUnsupported, NBDError
 from shoal.netft.errors import NetftError
+from shoal.util.pipes import Piped
 from shoal.volume.errors import DeviceError, VolumeError
 from shoal.volume.lease import FREE, CoordinatorLease, LeaseArea, SlotWatcher
 from shoal.volume.volume import Volume, VolumeFile
@@ -455,7 +456,10 @@ class CoordinatorRole:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def handle(self, peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+    async def handle(self, peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+        """A request from ``peer`` (this node too). The answer's payload may wait in a
+        pipe (a block read for another node: ``util.pipes``) only when ``peer`` is not
+        this node."""
         if not (self.serving and self.accepting):
             return _not_coordinator(f"{self.me} is not serving {self.rt.name} now"), b""
         gen = int(args.get("gen", 0))
@@ -488,7 +492,7 @@ class CoordinatorRole:
         inner = args.get("args")
         return await self.service.handle(peer, op, inner if isinstance(inner, dict) else {})
 
-    async def _block_io(self, peer: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+    async def _block_io(self, peer: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
         rt = self.rt
         kind, offset, length = str(args["kind"]), int(args["offset"]), int(args["length"])
         failed_key = int(args.get("key", 0))
@@ -499,8 +503,11 @@ class CoordinatorRole:
             except PreemptFailed as err:
                 return _not_coordinator(f"{err}; retry"), b""
         try:
-            data = b""
-            if kind == "read":
+            data: bytes | Piped = b""
+            if kind == "read" and peer != self.me:
+                # a large block is spliced from the target's socket to the peer's, no copy
+                data = await rt.path.read_piped(offset, length)
+            elif kind == "read":
                 data = await rt.path.read(offset, length, copy=False)  # goes straight into the reply
             elif kind == "write":
                 await rt.path.write(offset, payload)
@@ -514,6 +521,8 @@ class CoordinatorRole:
             return _not_coordinator(f"the coordinator {self.me} lost its storage path: {err}"), b""
         rt.counters.served_requests += 1
         rt.counters.served_bytes += length
+        if isinstance(data, Piped):
+            rt.counters.served_spliced += 1
         return {}, data
 
     async def _file_io(self, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:

@@ -27,6 +27,7 @@ from shoal.agent.errors import AgentError
 from shoal.agent.volumes import LONG_LANE
 from shoal.datapath.states import Reason
 from shoal.netft.errors import NetftError, RemoteError
+from shoal.util.pipes import Piped
 from shoal.volume.defrag import defrag
 from shoal.volume.fsck import fsck_online
 from shoal.volume.lease import LeaseArea
@@ -72,7 +73,7 @@ def view(rt: VolumeRuntime) -> dict[str, Any]:
 # ---- between agents --------------------------------------------------------------------
 
 async def peer_request(agent: NodeAgent, peer: str, op: str, args: dict[str, Any],
-                       payload: bytes) -> tuple[Any, bytes]:
+                       payload: bytes) -> tuple[Any, bytes | Piped]:
     rt = runtime(agent, args.get("volume"))
     if op in COORDINATOR_OPS:
         if rt.role is None:

@@ -57,6 +57,7 @@ from shoal.nbd.client import ClientSettings, NBDClient
 from shoal.nbd.errors import NBDError, NBDFenced
 from shoal.nbd.server import NBDServer
 from shoal.netft.errors import NetftError
+from shoal.util.pipes import Piped
 from shoal.volume.errors import DeviceError
 from shoal.volume.layout import Superblock
 from shoal.volume.lease import FREE, LeaseArea, LeaseTiming, LivenessRenewer, SlotWatcher
@@ -500,7 +501,9 @@ class VolumeRuntime:
             coord = await self._wait_for_coordinator()
             if coord == self.node:
                 assert self.role is not None
-                result, data = await self.role.handle(self.node, op, args, payload)
+                result, answer = await self.role.handle(self.node, op, args, payload)
+                assert not isinstance(answer, Piped), "only another node's reads are piped"
+                data = answer
             else:
                 lane = self._lane(op)
                 try:

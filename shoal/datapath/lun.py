@@ -32,6 +32,7 @@ from shoal.errors import UsageError
 from shoal.nbd.client import ClientSettings, NBDClient
 from shoal.nbd.constants import TxFlag
 from shoal.nbd.errors import NBDError
+from shoal.util.pipes import Piped
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,13 @@ class StoragePath:
         data = await self._do("read", control, lambda c: c.read(offset, length) if copy else c.read_buffer(offset, length))
         assert isinstance(data, (bytes, bytearray))
         return cast(bytes, data)  # a bytearray reads like bytes to every caller of the data path
+
+    async def read_piped(self, offset: int, length: int) -> bytes | Piped:
+        """Like ``read(copy=False)``, but a large read's data may be left in a pipe,
+        for a caller that only splices it on to a socket (``NBDClient.read_piped``)."""
+        data = await self._do("read", False, lambda c: c.read_piped(offset, length))
+        assert isinstance(data, (bytearray, Piped))
+        return cast(bytes, data) if isinstance(data, bytearray) else data
 
     @property
     def can_fua(self) -> bool:

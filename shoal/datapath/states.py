@@ -68,6 +68,9 @@ class Counters:
     #: as coordinator: block requests performed for other nodes
     served_bytes: int = 0
     served_requests: int = 0
+    #: of those, reads whose data went from the target's socket to the node's through
+    #: a pipe (splice: not copied by the coordinator)
+    served_spliced: int = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -40,6 +40,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -61,9 +62,10 @@ from shoal.nbd.errors import (
     RequestTimeout,
 )
 from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_key
-from shoal.nbd.replies import ReplyEvent, ReplyParser
+from shoal.nbd.replies import LARGE_READ, ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 from shoal.util.buffers import unzeroed
+from shoal.util.pipes import POOL, FdWaiter, Piped, unread
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,10 @@ class _Pending:
     future: asyncio.Future[object]
     started: float = 0.0  # loop time it was sent
     buf: bytearray | None = None
+    #: a pipe the read's data may be spliced into instead (read_piped); it belongs to
+    #: the request until the reply is done, then to whoever takes the result
+    pipe: tuple[int, int] | None = None
+    spliced: bool = False  # the data is in ``pipe``, not in ``buf``
     extents: list[tuple[int, int]] | None = None  # BLOCK_STATUS only: none made per request
     error: int = 0
     message: str = ""
@@ -129,6 +135,9 @@ class _Link(asyncio.BufferedProtocol):
         self._cork_scheduled = False
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._receiving_into = False  # the last get_buffer() gave a read's own buffer
+        self._fd = -1
+        self._waiter: FdWaiter | None = None
+        self._splicing: _Splice | None = None
 
     def send_small(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
         """Queue a request whose payload is small; it goes out with the others of this
@@ -155,6 +164,10 @@ class _Link(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            self._waiter = FdWaiter(self._fd)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.hs is not None:
@@ -172,6 +185,8 @@ class _Link(asyncio.BufferedProtocol):
             self._deliver(lambda: self.parser.received_into(nbytes))
         else:
             self.data_received(self._scratch[:nbytes])  # the parsers copy what they keep
+        if self.client._piped and self._splicing is None:
+            self._check_splice()
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.hs is None:
@@ -229,12 +244,134 @@ class _Link(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.writable.set()  # wake writers; they find the transport closing
+        self._end_splice()
+        if self._waiter is not None:
+            self._waiter.close()
         err = NBDConnectionError(
             f"connection to the NBD server was lost{f': {exc}' if exc else ''}"
         )
         if not self.handshake_done.done():
             self.handshake_done.set_exception(err)
         self.client._connection_failed(self, err)
+
+    # --- a whole read's data spliced into its pipe (NBDClient.read_piped) ----------
+
+    def _check_splice(self) -> None:
+        """If the rest of the stream's next bytes are a piped read's data, in one
+        piece: move them into its pipe with splice(2) instead of receiving them."""
+        due = self.parser.whole_read_due()
+        if due is None or self._waiter is None or self.transport is None:
+            return
+        cookie, placed = due
+        pending = self.client._pending.get(cookie)
+        if pending is None or pending.pipe is None or pending.buf is None:
+            return
+        into = self.parser.want_into()
+        assert into is not None
+        try:  # what arrived with the header first (a few KiB at most), into an empty pipe
+            ok = not placed or os.write(pending.pipe[1], memoryview(pending.buf)[:placed]) == placed
+        except OSError:
+            ok = False
+        if not ok:  # the data is received into the buffer as usual
+            self._drop_pipe(pending, emptied=False)
+            return
+        self._splicing = _Splice(pending, placed, len(into))
+        self.transport.pause_reading()
+        self._splice_more()
+
+    def _splice_more(self) -> None:
+        sp = self._splicing
+        if sp is None:
+            return
+        assert sp.pending.pipe is not None and self._waiter is not None
+        w = sp.pending.pipe[1]
+        stuck = False
+        while sp.left:
+            try:
+                n = os.splice(self._fd, w, sp.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if unread(self._fd):
+                    if not stuck:  # it may have arrived since: once more
+                        stuck = True
+                        continue
+                    # the data is there but the pipe takes no more
+                    self._end_splice()
+                    self._give_up_pipe(sp)
+                    return
+                if not sp.watching:
+                    sp.watching = True
+                    self._waiter.when_readable(self._splice_more)
+                return
+            except OSError as err:
+                self._end_splice()
+                self._fail(NBDConnectionError(f"the connection to the NBD server failed: {err}"))
+                return
+            if n == 0:
+                self._end_splice()
+                self._fail(NBDConnectionError("the NBD server closed the connection in the middle of a read"))
+                return
+            sp.left -= n
+            sp.moved += n
+            stuck = False
+        self._end_splice()
+        sp.pending.spliced = True
+        self.client.spliced += 1
+        self._deliver(lambda: self.parser.received_into(sp.moved))
+        self._resume()
+
+    def _give_up_pipe(self, sp: _Splice) -> None:
+        """Back to receiving into the read's buffer: what is in the pipe (its first
+        bytes, in order) goes there first, and the pipe goes back to the pool."""
+        pending = sp.pending
+        pipe = pending.pipe
+        assert pipe is not None and pending.buf is not None
+        view = memoryview(pending.buf)
+        have, pos = sp.placed + sp.moved, 0
+        try:
+            while pos < have:
+                pos += os.readv(pipe[0], [view[pos:have]])
+        except OSError as err:
+            self._fail(NBDConnectionError(f"could not read back a read's data from its pipe: {err}"))
+            return
+        self._drop_pipe(pending, emptied=True)
+        self.client.splice_refills += 1
+        if sp.moved:
+            self._deliver(lambda: self.parser.received_into(sp.moved))
+        self._resume()
+
+    def _drop_pipe(self, pending: _Pending, emptied: bool) -> None:
+        assert pending.pipe is not None
+        POOL.give(pending.pipe, emptied)
+        pending.pipe = None
+        self.client._piped -= 1
+
+    def _end_splice(self) -> None:
+        sp, self._splicing = self._splicing, None
+        if sp is not None and sp.watching and self._waiter is not None:
+            self._waiter.stop_reading()
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+@dataclass(slots=True)
+class _PipeHold:
+    """A pipe on its way to a read request: ``taken`` once the request owns it."""
+
+    fds: tuple[int, int]
+    taken: bool = False
+
+
+@dataclass(slots=True)
+class _Splice:
+    """A read's data on its way from the socket into its pipe."""
+
+    pending: _Pending
+    placed: int  # bytes that arrived with the header (written into the pipe first)
+    left: int  # bytes still to splice
+    moved: int = 0  # bytes spliced so far
+    watching: bool = False  # waiting for the socket to be readable
 
 
 async def _open(address: Address, client: NBDClient, hs: ClientHandshake) -> _Link:
@@ -304,6 +441,10 @@ class NBDClient:
         self._context: int | None = None
         self._link: _Link | None = None
         self._pending: dict[int, _Pending] = {}
+        self._piped = 0  # reads in flight that have a pipe
+        #: piped reads whose data was spliced, and those whose pipe filled up first
+        self.spliced = 0
+        self.splice_refills = 0
         self._cookies = itertools.count(1)
         self._in_flight = 0
         self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -419,6 +560,8 @@ class NBDClient:
             self._watchdog = None
         err = error or ConnectionAborted(f"NBD connection to {self._where()} was aborted ({reason})")
         self._failure = err
+        if link is not None:
+            link._end_splice()  # before any pipe it splices into is closed
         if link is not None and link.transport is not None:
             sock = link.transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -432,10 +575,7 @@ class NBDClient:
                 waiter.set_exception(err)
                 discarded += 1
         in_flight = len(self._pending)  # sent (even if their caller gave up): fate unknown
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(err)
-        self._pending.clear()
+        self._fail_pending(err)
         return {"discarded": discarded, "in_flight": in_flight}
 
     async def close(self) -> None:
@@ -478,6 +618,28 @@ class NBDClient:
         assert isinstance(result, bytearray)
         return result
 
+    async def read_piped(self, offset: int, length: int) -> Piped | bytearray:
+        """Like :meth:`read_buffer`, but the data may be left in a pipe for the caller
+        to splice on to a socket (``util.pipes``; the caller must ``release`` it).
+        It is, for a read of LARGE_READ bytes up to a pipe's size whose reply brings
+        the data in one piece; otherwise (holes or pieces, no pipe to be had, a pipe
+        that fills up first, a unix socket) the result is the buffer, as read_buffer's."""
+        pipe = POOL.take() if LARGE_READ <= length <= POOL.size and self._fd_ok() else None
+        if pipe is None:
+            return await self.read_buffer(offset, length)
+        hold = _PipeHold(pipe)
+        try:
+            result = await self._request(Cmd.READ, 0, offset, length, pipe=hold)
+        finally:
+            if not hold.taken:  # no request took it: never used
+                POOL.give(pipe, emptied=True)
+        assert isinstance(result, (Piped, bytearray))
+        return result
+
+    def _fd_ok(self) -> bool:
+        link = self._link
+        return link is not None and link._waiter is not None and not isinstance(self.address, str)
+
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
@@ -518,10 +680,12 @@ class NBDClient:
         offset: int,
         length: int,
         payload: bytes | bytearray | memoryview = b"",
+        *,
+        pipe: _PipeHold | None = None,
     ) -> object:
         # no asyncio.timeout per request (it costs a tenth of a small read): the
         # watchdog below aborts the connection when the oldest request is too old
-        return await self._submit(cmd, flags, offset, length, payload)
+        return await self._submit(cmd, flags, offset, length, payload, pipe)
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
@@ -551,6 +715,7 @@ class NBDClient:
         offset: int,
         length: int,
         payload: bytes | bytearray | memoryview,
+        pipe: _PipeHold | None = None,
     ) -> object:
         if self._link is None:
             raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
@@ -578,6 +743,9 @@ class NBDClient:
             if cmd == Cmd.READ:
                 pending.buf = unzeroed(length)  # the parser zeroes what the reply leaves unfilled
                 link.parser.expect_read(cookie, offset, length, pending.buf, stale=True)
+                if pipe is not None:  # the request's until it is done
+                    pending.pipe, pipe.taken = pipe.fds, True
+                    self._piped += 1
             self._pending[cookie] = pending
             self._arm_watchdog()
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
@@ -596,7 +764,13 @@ class NBDClient:
                     raise
             # If our caller cancels this await, the entry stays in _pending until
             # the server's reply arrives and is dropped: the connection stays usable.
-            return await fut
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                late = fut.result() if fut.done() and not fut.cancelled() and not fut.exception() else None
+                if isinstance(late, Piped):
+                    late.release(emptied=False)  # done, but nobody will take it
+                raise
         finally:
             self._release()
 
@@ -627,6 +801,15 @@ class NBDClient:
         if not ev.done:
             return
         del self._pending[ev.cookie]
+        result: object = pending.buf
+        pipe = pending.pipe
+        if pipe is not None:
+            self._piped -= 1
+            if pending.spliced and not pending.error and not pending.future.done():
+                assert pending.buf is not None
+                result = Piped(POOL, pipe, len(pending.buf))  # the caller's now
+            else:  # unused (the data came in pieces), or nobody will take it
+                POOL.give(pipe, emptied=not pending.spliced)
         if pending.future.done():  # abandoned by a cancelled caller
             return
         if pending.error:
@@ -634,22 +817,30 @@ class NBDClient:
                 NBDCommandError(_name(pending.cmd), pending.error, pending.message)
             )
         elif pending.cmd == Cmd.READ:
-            pending.future.set_result(pending.buf)
+            pending.future.set_result(result)
         elif pending.cmd == Cmd.BLOCK_STATUS:
             pending.future.set_result(pending.extents or [])
         else:
             pending.future.set_result(None)
 
     def _connection_failed(self, link: _Link, err: NBDError) -> None:
+        link._end_splice()  # before any pipe it splices into is closed
         if link is not self._link:
             return
         log.warning("nbd client: connection to %s failed: %s", self._where(), err)
         self._link = None
         self._failure = err
+        self._fail_pending(err)
+
+    def _fail_pending(self, err: NBDError) -> None:
         for pending in self._pending.values():
+            if pending.pipe is not None:
+                POOL.give(pending.pipe, emptied=False)
+                pending.pipe = None
             if not pending.future.done():
                 pending.future.set_exception(err)
         self._pending.clear()
+        self._piped = 0
 
     def address_text(self) -> str:
         if isinstance(self.address, str):

@@ -137,6 +137,9 @@ class ReplyParser:
         # of the stream go, and the event to report once they have all arrived
         self._into: memoryview | None = None
         self._into_event: ReplyEvent | None = None
+        # bytes of the read's data placed before ``_into`` when its chunk is the whole
+        # read (a simple reply, or one OFFSET_DATA chunk covering it all), else -1
+        self._into_placed = -1
         # reads whose destination still holds stale bytes somewhere (see expect_read)
         self._stale: set[int] = set()
         self._large = 0  # reads in flight of at least LARGE_READ bytes
@@ -194,6 +197,17 @@ class ReplyParser:
         does so and reports with :meth:`received_into`; nothing is copied."""
         return self._into
 
+    def whole_read_due(self) -> tuple[int, int] | None:
+        """``(cookie, placed)`` when the next bytes of the stream are the rest of a read
+        whose reply carries its data in one piece: its first ``placed`` bytes are in
+        its destination already, and the next ``len(want_into())`` bytes of the stream
+        are the rest, in order (a caller may move them elsewhere, then report them
+        with :meth:`received_into`: the destination is then not written)."""
+        if self._into is None or self._into_placed < 0:
+            return None
+        assert self._into_event is not None
+        return self._into_event.cookie, self._into_placed
+
     def received_into(self, n: int) -> list[ReplyEvent]:
         """``n`` bytes were written at the start of :meth:`want_into`'s view."""
         event = self._filled(n)
@@ -203,6 +217,8 @@ class ReplyParser:
         assert self._into is not None and 0 < n <= len(self._into)
         self._into = self._into[n:] if n < len(self._into) else None
         if self._into is not None:
+            if self._into_placed >= 0:
+                self._into_placed += n
             return None
         event, self._into_event = self._into_event, None
         assert event is not None
@@ -224,6 +240,7 @@ class ReplyParser:
         buf.clear()
         self._into = memoryview(dest)[start + have : start + n]
         self._into_event = event
+        self._into_placed = have if start == 0 and n == len(dest) else -1
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ReplyEvent]:
         events: list[ReplyEvent] = []

@@ -66,6 +66,7 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.buffers import unzeroed
+from shoal.util.pipes import FdWaiter, Piped
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ _SEND_AS_IS = 64 << 10
 HANDSHAKE_FRAME_MAX = 4096
 
 Frame = tuple[dict[str, Any], bytes]
-Handler = Callable[[str, str, dict[str, Any], bytes], Awaitable[tuple[Any, bytes]]]
+#: a handler answers with a result and a payload: bytes, or data waiting in a pipe
+#: (``util.pipes.Piped``), which is spliced to the socket and released
+Handler = Callable[[str, str, dict[str, Any], bytes], Awaitable[tuple[Any, "bytes | Piped"]]]
 
 
 class FrameReceiver:
@@ -223,6 +226,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writer: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
+        self._waiter: FdWaiter | None = None  # for spliced payloads (write_piped)
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # --- asyncio callbacks -------------------------------------------------
@@ -257,6 +261,8 @@ class FrameStream(asyncio.BufferedProtocol):
         err = ConnectionResetError("peer closed the connection")
         err.__cause__ = exc
         self._fail(err)
+        if self._waiter is not None:
+            self._waiter.close()
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -334,11 +340,42 @@ class FrameStream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
+    async def write_piped(self, header: dict[str, Any], payload: Piped) -> None:
+        """Send one frame whose payload waits in a pipe: the head through the
+        transport, then the payload spliced from the pipe to the socket (no copy).
+        The caller still owns ``payload`` (and releases it); no other frame may be
+        written until this returns."""
+        transport = self.transport
+        if self._error is not None:
+            raise self._error
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        if self._waiter is None:
+            self._waiter = FdWaiter(transport.get_extra_info("socket").fileno())
+        waiter = self._waiter
+        transport.write(encode_frame_head(header, len(payload)))
+        while transport.get_write_buffer_size():  # the head first, all of it
+            await waiter.writable()
+        left = len(payload)
+        while left:
+            if self._error is not None:
+                raise self._error
+            try:
+                n = os.splice(payload.r, waiter.fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                await waiter.writable()
+                continue
+            if n == 0:
+                raise ConnectionResetError("the pipe ran dry before the payload was sent")
+            left -= n
+
     def _fail(self, err: Exception) -> None:
         if self._error is None:
             self._error = err
         _wake(self._reader)
         _wake(self._writer)
+        if self._waiter is not None:
+            self._waiter.fail(err)
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -388,7 +425,7 @@ class ChannelServer:
             stream.receiver.max_frame = None
             while True:
                 header, payload = await stream.read_frame()
-                result_payload = b""
+                result_payload: bytes | Piped = b""
                 try:
                     result, result_payload = await self.handler(
                         peer, str(header.get("op")), dict(header.get("args") or {}), payload
@@ -399,13 +436,25 @@ class ChannelServer:
                 except Exception as err:  # a bug on our side: tell the peer, keep serving
                     log.exception("request %s from %s failed", header.get("op"), peer)
                     answer = {"id": header.get("id"), "ok": False, "error": f"internal error: {err}"}
-                stream.write_frame(answer, result_payload)
+                if isinstance(result_payload, Piped):
+                    await self._write_piped(stream, answer, result_payload)
+                else:
+                    stream.write_frame(answer, result_payload)
                 await stream.drain()
         except (OSError, TimeoutError, RemoteProtocolError):
             pass
         finally:
             stream.close()
             await stream.wait_closed()
+
+    @staticmethod
+    async def _write_piped(stream: FrameStream, answer: dict[str, Any], payload: Piped) -> None:
+        emptied = False
+        try:
+            await stream.write_piped(answer, payload)
+            emptied = True
+        finally:
+            payload.release(emptied)
 
     async def _handshake(self, network: str, source: str, stream: FrameStream) -> str | None:
         s_nonce = os.urandom(16)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 import threading
@@ -38,6 +39,7 @@ from shoal.netft.protocol import (
     parse_nonce,
     proof,
 )
+from shoal.util.pipes import POOL, Piped, unread
 
 KEY = derive_key(b"k" * 32, "demo", "channel")
 MIB = 1 << 20
@@ -486,5 +488,104 @@ def test_closing_here_wakes_a_waiting_reader(loop_factory: LoopFactory) -> None:
             with pytest.raises(ConnectionResetError):
                 async with asyncio.timeout(2):
                     await call
+
+    run(loop_factory, main())
+
+
+# -- payloads that wait in a pipe (spliced to the socket) ------------------------------
+
+
+def piped(data: bytes) -> Piped:
+    """``data`` in a pipe of the pool, as NBDClient.read_piped leaves a block."""
+    fds = POOL.take()
+    assert fds is not None, "this machine gives no pipe of a MiB"
+    view, pos = memoryview(data), 0
+    while pos < len(data):
+        pos += os.write(fds[1], view[pos:])
+    return Piped(POOL, fds, len(data))
+
+
+def pipe_fill(fds: tuple[int, int]) -> int:
+    return unread(fds[0])
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_piped_answer_arrives_whole_and_its_pipe_goes_back_empty(loop_factory: LoopFactory) -> None:
+    blocks = [os.urandom(n) for n in (1, 64 * 1024, MIB - 1, MIB)]
+    given_out: list[Piped] = []
+
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+        p = piped(blocks[int(args["i"])])
+        given_out.append(p)
+        return {"i": args["i"]}, p
+
+    async def main() -> None:
+        srv = ChannelServer("demo", "a", KEY, handler)
+        await srv.listen("cluster", "127.0.0.1", 0)
+        try:
+            conn = await connect(srv.servers["cluster"].sockets[0].getsockname()[1])
+            for _ in range(3):  # the same pipes again: each was left empty
+                for i, block in enumerate(blocks):
+                    result, data = await conn.call("read", {"i": i})
+                    assert result == {"i": i} and bytes(data) == block, i
+            conn.close()
+        finally:
+            srv.close()
+        assert len(given_out) == 12
+        assert all(p._pool is None for p in given_out)  # every one was released
+        assert POOL._free and all(pipe_fill(fds) == 0 for fds in POOL._free)
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
+    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given_out: list[Piped] = []
+    served = threading.Event()
+    write_piped = FrameStream.write_piped
+
+    async def small_send_buffer(self: FrameStream, header: dict[str, Any], payload: Piped) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # so the splice must wait
+        await write_piped(self, header, payload)
+
+    monkeypatch.setattr(FrameStream, "write_piped", small_send_buffer)
+
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+        p = piped(os.urandom(MIB))
+        given_out.append(p)
+        served.set()
+        return {}, p
+
+    async def main() -> None:
+        srv = ChannelServer("demo", "a", KEY, handler)
+        await srv.listen("cluster", "127.0.0.1", 0)
+        port = srv.servers["cluster"].sockets[0].getsockname()[1]
+        try:
+            # a client that asks, reads a little of the answer, then vanishes
+            conn = await connect(port)
+            sock = conn.stream.transport.get_extra_info("socket") if conn.stream.transport else None
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the splice waits for room
+            conn.stream.transport.pause_reading()  # type: ignore[union-attr]
+            conn.stream.write_frame({"id": 1, "op": "read", "args": {}})
+            await until(served.is_set, "the server answered")
+            await asyncio.sleep(0.2)
+            conn.stream.transport.abort()  # type: ignore[union-attr]
+            await until(lambda: given_out[0]._pool is None, "the server released the pipe")
+            free = list(POOL._free)
+            # not back in the pool with bytes in it (it was closed)
+            assert all(pipe_fill(fds) == 0 for fds in free)
+            assert (given_out[0].r, given_out[0].w) not in free
+            # the server still serves others
+            other = await connect(port)
+            _, data = await other.call("read", {})
+            assert len(data) == MIB
+            other.close()
+        finally:
+            srv.close()
 
     run(loop_factory, main())

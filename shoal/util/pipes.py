@@ -1,0 +1,161 @@
+"""Data parked in a pipe between two sockets, moved with splice(2): no copy in user space.
+
+A redirected 1 MiB read passes through the coordinator: from the storage target's
+socket to the requesting node's channel socket. Received into a buffer and sent from
+it, it is copied twice by the kernel on the way (recv, send). Spliced, the kernel
+moves references to the socket buffers' pages into a pipe and out again to the other
+socket: the coordinator copies nothing (docs/ARCHITECTURE.md, "Copies on the way").
+
+- :class:`PipePool` hands out pipes of ``PIPE_SIZE`` bytes and takes back empty ones
+  (a pipe with bytes left in it is closed, never reused).
+- :class:`Piped` is a payload that lives in such a pipe: ``length`` bytes, to be
+  spliced to a socket by whoever holds it, who then calls ``release``.
+- :class:`FdWaiter` waits until a transport's socket is readable or writable. The
+  event loop refuses to watch a descriptor a transport owns, so it watches a
+  duplicate (same socket), made on first use and closed with ``close``.
+- :func:`unread` is how many bytes a socket has received that nobody has read yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import socket
+import struct
+import termios
+from collections.abc import Callable
+
+#: F_SETPIPE_SZ (fcntl.F_SETPIPE_SZ from Python 3.10 on Linux; spelled out for mypy)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: the pipes' size: one redirected block of up to this many bytes fits whole
+PIPE_SIZE = 1 << 20
+#: pipes kept open for reuse (one per redirected read in flight; more are made as
+#: needed). The kernel counts every pipe's size against its user (fs.pipe-user-pages-soft,
+#: 64 MiB by default, all of the user's processes together; past it, no pipe is enlarged
+#: and reads go without one), so few are kept.
+POOL_KEEP = 16
+
+
+class Piped:
+    """``length`` bytes waiting in a pipe, whose read end is ``r``."""
+
+    __slots__ = ("r", "w", "length", "_pool")
+
+    def __init__(self, pool: PipePool, fds: tuple[int, int], length: int):
+        self.r, self.w = fds
+        self.length = length
+        self._pool: PipePool | None = pool
+
+    def __len__(self) -> int:
+        return self.length
+
+    def release(self, emptied: bool) -> None:
+        """Done with it: ``emptied`` if every byte was spliced out (the pipe is reused)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.give((self.r, self.w), emptied)
+
+
+class PipePool:
+    """Pipes of ``size`` bytes (as large as the system allows, up to that)."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = POOL_KEEP):
+        self.size = size
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int] | None:
+        """An empty pipe of ``size`` bytes, non-blocking at both ends; None if the
+        system gives none that large (the caller then goes without)."""
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            got = fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:  # EPERM: over the user's pipe budget, or above pipe-max-size
+            got = 0
+        if got < self.size:
+            os.close(r)
+            os.close(w)
+            return None
+        return r, w
+
+    def give(self, fds: tuple[int, int], emptied: bool) -> None:
+        if emptied and len(self._free) < self.keep:
+            self._free.append(fds)
+            return
+        for fd in fds:
+            os.close(fd)
+
+    def close(self) -> None:
+        while self._free:
+            for fd in self._free.pop():
+                os.close(fd)
+
+
+#: the process's pool (the event loop thread uses it; pipes are not tied to a loop)
+POOL = PipePool()
+
+
+def unread(fd: int) -> int:
+    """Bytes received on socket ``fd`` and not read yet (FIONREAD)."""
+    (n,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))
+    return int(n)
+
+
+class FdWaiter:
+    """Waits for a transport's socket ``fd`` through a duplicate descriptor."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._sock: socket.socket | None = None
+        self._waiting: asyncio.Future[None] | None = None
+
+    @property
+    def sock(self) -> socket.socket:
+        """The socket, as a socket object of its own (a duplicate of ``fd``)."""
+        if self._sock is None:
+            self._sock = socket.socket(fileno=os.dup(self.fd))
+        return self._sock
+
+    def when_readable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) each time the socket is readable, until
+        :meth:`stop_reading`."""
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), callback)
+
+    def stop_reading(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+
+    async def writable(self) -> None:
+        """Return once the socket takes more bytes; raises what :meth:`fail` is given."""
+        loop = asyncio.get_running_loop()
+        fut = self._waiting = loop.create_future()
+        fd = self.sock.fileno()
+        loop.add_writer(fd, _done, fut)
+        try:
+            await fut
+        finally:
+            self._waiting = None
+            loop.remove_writer(fd)
+
+    def fail(self, err: BaseException) -> None:
+        """Wake a waiter with ``err`` (the connection was lost)."""
+        fut = self._waiting
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            except RuntimeError:  # no running loop: nothing is registered any more
+                pass
+            sock.close()
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

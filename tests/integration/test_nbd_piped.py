@@ -1,0 +1,311 @@
+"""NBDClient.read_piped: a large read's data spliced into a pipe, against our server and
+qemu-nbd over TCP, on both event loops: the exact bytes every time; a reply in pieces
+or with holes, and a pipe that fills up, come back in the buffer instead; a read cut
+off mid-splice or abandoned by its caller leaks no pipe and leaves none dirty."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from shoal.nbd.backend import FileBackend
+from shoal.nbd.client import ClientSettings, NBDClient
+from shoal.nbd.errors import ConnectionAborted
+from shoal.util.pipes import F_SETPIPE_SZ, POOL, Piped, unread
+from tests.integration.nbd_helpers import (
+    BackgroundServer,
+    make_sparse_image,
+    require,
+    serving,
+    short_dir,
+)
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def run(loop_factory: LoopFactory, main: Coroutine[Any, Any, None], timeout_s: float = 60) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout_s):
+            await main
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(bounded())
+
+
+@pytest.fixture
+def pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Every pipe the pool hands out during the test: (read fd, write fd, inode)."""
+    taken: list[tuple[int, int, int]] = []
+    take = POOL.take
+
+    def recording() -> tuple[int, int] | None:
+        fds = take()
+        if fds is not None:
+            taken.append((*fds, os.fstat(fds[0]).st_ino))
+        return fds
+
+    monkeypatch.setattr(POOL, "take", recording)
+    return taken
+
+
+def assert_no_pipe_leaked(taken: list[tuple[int, int, int]]) -> None:
+    """Each pipe handed out is back in the pool, or closed."""
+    for r, w, ino in taken:
+        if (r, w) in POOL._free:
+            continue
+        for fd in (r, w):
+            try:
+                assert os.fstat(fd).st_ino != ino, f"pipe {r},{w} was neither given back nor closed"
+            except OSError:
+                pass  # closed
+
+
+def take_out(result: Piped | bytearray) -> bytes:
+    """The bytes of a read's result; a pipe is emptied and released."""
+    if isinstance(result, bytearray):
+        return bytes(result)
+    out = bytearray()
+    while len(out) < len(result):
+        out += os.read(result.r, len(result) - len(out))
+    assert unread(result.r) == 0
+    result.release(emptied=True)
+    return bytes(out)
+
+
+def pool_is_clean() -> bool:
+    return all(unread(r) == 0 for r, _ in POOL._free)
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[tuple[BackgroundServer, bytes]]:
+    with short_dir() as d:
+        image = os.path.join(d, "disk.raw")
+        data = os.urandom(SIZE)
+        with open(image, "wb") as f:
+            f.write(data)
+        backend = FileBackend(image)
+        with serving({"disk": backend}, os.path.join(d, "s"), tcp=True) as srv:
+            yield srv, data
+        backend.close()
+
+
+@contextlib.asynccontextmanager
+async def client(port: int) -> AsyncIterator[NBDClient]:
+    c = await NBDClient.connect(("127.0.0.1", port), "disk", ClientSettings(request_timeout_s=20))
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_piped_reads_carry_the_exact_bytes(
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+) -> None:
+    srv, data = target
+
+    async def main() -> None:
+        async with client(srv.port) as c:
+            cases = [(0, MiB), (4096, MiB), (3 * MiB + 17, 200_000), (5 * MiB, 128 * 1024), (0, 64 * 1024),
+                     (SIZE - MiB, MiB)]
+            for off, n in cases:
+                result = await c.read_piped(off, n)
+                assert not isinstance(result, Piped) or n >= 128 * 1024, "small reads are not worth a pipe"
+                # the others are spliced, or come back in the buffer (should the system
+                # give no pipe, or the pipe fill up): either way, the same bytes
+                assert take_out(result) == data[off : off + n], (off, n)
+            # many at once: replies interleave with splices
+            results = await asyncio.gather(*(c.read_piped(i * MiB, MiB) for i in range(SIZE // MiB)))
+            for i, result in enumerate(results):
+                assert take_out(result) == data[i * MiB : (i + 1) * MiB], i
+            assert c.spliced > 0
+            # the connection goes on as usual
+            assert await c.read(7, 100) == data[7:107]
+
+    run(loop_factory, main())
+    assert pool_is_clean()
+    assert pipes and len(POOL._free) <= POOL.keep
+    assert_no_pipe_leaked(pipes)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_pipe_that_fills_up_gives_its_bytes_back_to_the_buffer(
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes]
+) -> None:
+    srv, data = target
+
+    async def main() -> None:
+        # pipes of four pages: a MiB of data fills one long before it has all arrived
+        small = []
+        for _ in range(4):
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(w, F_SETPIPE_SZ, 16384)
+            small.append((r, w))
+        POOL.close()
+        for fds in small:
+            POOL.give(fds, emptied=True)
+        async with client(srv.port) as c:
+            results = await asyncio.gather(*(c.read_piped(i * MiB, MiB) for i in range(4)))
+            for i, result in enumerate(results):
+                assert isinstance(result, bytearray), "a full pipe hands the read back to its buffer"
+                assert bytes(result) == data[i * MiB : (i + 1) * MiB], i
+            assert c.splice_refills == 4 and c.spliced == 0
+        POOL.close()  # the small pipes are not kept for other tests
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_holes_and_pieces_from_qemu_nbd_come_back_in_the_buffer(loop_factory: LoopFactory) -> None:
+    qemu_nbd = require("qemu-nbd")
+    with short_dir() as d:
+        image = os.path.join(d, "q.raw")
+        block = os.urandom(MiB)
+        make_sparse_image(image, SIZE, {2 * MiB: block, 4 * MiB + 4096: block[:8192]})
+        port = 10899
+        proc = subprocess.Popen([qemu_nbd, "-f", "raw", "-t", "-x", "disk", "-b", "127.0.0.1", "-p", str(port), image])
+        try:
+            deadline = time.monotonic() + 20
+            while subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout == "":
+                assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+                time.sleep(0.05)
+
+            async def main() -> None:
+                async with client(port) as c:
+                    assert c.structured
+                    whole = await c.read_piped(2 * MiB, MiB)  # all data: one chunk, spliced
+                    assert take_out(whole) == block
+                    # data, then a hole: two chunks, into the buffer
+                    mixed = await c.read_piped(2 * MiB + MiB // 2, MiB)
+                    assert isinstance(mixed, bytearray)
+                    assert bytes(mixed) == block[MiB // 2 :] + bytes(MiB // 2)
+                    holey = await c.read_piped(4 * MiB, MiB)  # hole, data, hole
+                    assert bytes(holey) == bytes(4096) + block[:8192] + bytes(MiB - 4096 - 8192)
+                    assert take_out(await c.read_piped(8 * MiB, MiB)) == bytes(MiB)  # all hole
+
+            run(loop_factory, main())
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert pool_is_clean()
+
+
+class HoldingProxy:
+    """TCP proxy to the server that passes the server's bytes until ``hold_after`` of
+    them have gone through, then holds the rest until ``release``."""
+
+    def __init__(self, port: int, hold_after: int):
+        self.port = port
+        self.hold_after = hold_after
+        self.passed = 0
+        self.released = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def up() -> None:
+            while data := await r.read(65536):
+                uw.write(data)
+                await uw.drain()
+
+        async def down() -> None:
+            while data := await ur.read(65536):
+                if self.passed + len(data) > self.hold_after and not self.released.is_set():
+                    cut = max(0, self.hold_after - self.passed)
+                    w.write(data[:cut])
+                    self.passed += cut
+                    await self.released.wait()
+                    data = data[cut:]
+                w.write(data)
+                self.passed += len(data)
+                await w.drain()
+
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await asyncio.gather(up(), down())
+        w.close()
+        uw.close()
+
+    def close(self) -> None:
+        self.released.set()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+) -> None:
+    srv, data = target
+
+    async def main() -> None:
+        proxy = HoldingProxy(srv.port, hold_after=1 << 40)
+        port = await proxy.start()
+        try:
+            c = await NBDClient.connect(("127.0.0.1", port), "disk", ClientSettings(request_timeout_s=20))
+            proxy.hold_after = proxy.passed + 16 + 300_000  # the reply's header and 300 kB of data
+            reading = asyncio.ensure_future(c.read_piped(0, MiB))
+            deadline = time.monotonic() + 10
+            while proxy.passed < proxy.hold_after:
+                assert time.monotonic() < deadline, "the proxy passed nothing"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # spliced what came, waiting for more
+            assert c._piped == 1 and c._link is not None and c._link._splicing is not None  # mid-splice
+            c.abort("test")
+            with pytest.raises(ConnectionAborted):
+                await reading
+        finally:
+            proxy.close()
+
+    run(loop_factory, main())
+    assert pool_is_clean()
+    assert len(pipes) == 1 and (pipes[0][0], pipes[0][1]) not in POOL._free  # closed, not pooled
+    assert_no_pipe_leaked(pipes)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+) -> None:
+    srv, data = target
+
+    async def main() -> None:
+        proxy = HoldingProxy(srv.port, hold_after=1 << 40)
+        port = await proxy.start()
+        try:
+            c = await NBDClient.connect(("127.0.0.1", port), "disk", ClientSettings(request_timeout_s=20))
+            proxy.hold_after = proxy.passed + 16 + 100_000
+            reading = asyncio.ensure_future(c.read_piped(MiB, MiB))
+            await asyncio.sleep(0.3)
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            proxy.released.set()
+            # the abandoned reply is received and dropped; the next reads are right
+            assert take_out(await c.read_piped(2 * MiB, MiB)) == data[2 * MiB : 3 * MiB]
+            assert await c.read(5, 10) == data[5:15]
+            assert c._piped == 0 and not c._pending
+            await c.close()
+        finally:
+            proxy.close()
+
+    run(loop_factory, main())
+    assert pool_is_clean()
+    assert len(pipes) == 2
+    assert_no_pipe_leaked(pipes)

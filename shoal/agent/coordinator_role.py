@@ -195,6 +195,8 @@ class CoordinatorRole:
         Raises PreemptFailed when the target could not be told (a timeout, a lost
         connection): the caller must not act as if the node were fenced. Only a target
         that does not know the option at all (qemu-nbd) lets us go on, said once."""
+        if below <= self.preempted.get(node, 0):
+            return  # done already (every redirected request asks): no lock, no await
         lock = self._preempt_locks.setdefault(node, asyncio.Lock())
         async with lock:
             if below <= self.preempted.get(node, 0):

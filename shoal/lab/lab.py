@@ -74,8 +74,9 @@ MAX_NODES = 200
 #: whatever the machine running the lab chose for itself: IPv4 only, and cubic, not
 #: BBR (some images set BBR machine-wide; its pacing, meant for WAN paths, leaves the
 #: CPUs idle between the bursts of a sub-millisecond LAN: 1 MiB reads through the
-#: coordinator took 0.59-0.78 s per 512 MiB with BBR against 0.42-0.45 s with cubic;
-#: docs/LAB.md). A new namespace starts with the machine's choice, so it is set here.
+#: coordinator took 0.59-0.78 s per 512 MiB with BBR against 0.42-0.45 s with cubic,
+#: and BBR slowed qemu-nbd's small requests too; docs/LAB.md). A new namespace starts
+#: with the machine's choice, so it is set here.
 LAB_HOST_SYSCTLS = {
     "net.ipv6.conf.all.disable_ipv6": "1",
     "net.ipv6.conf.default.disable_ipv6": "1",

@@ -248,6 +248,21 @@ class HoldingProxy:
             self.server.close()
 
 
+async def held_read(port: int, offset: int, data_bytes: int) -> tuple[HoldingProxy, NBDClient, asyncio.Future[Any]]:
+    """A piped read of a MiB through a proxy that passes its reply header and the first
+    ``data_bytes`` of its data, then holds the rest; returns once those have passed."""
+    proxy = HoldingProxy(port, hold_after=1 << 40)
+    c = await NBDClient.connect(("127.0.0.1", await proxy.start()), "disk", ClientSettings(request_timeout_s=20))
+    proxy.hold_after = proxy.passed + 16 + data_bytes
+    reading = asyncio.ensure_future(c.read_piped(offset, MiB))
+    deadline = time.monotonic() + 10
+    while proxy.passed < proxy.hold_after:
+        assert time.monotonic() < deadline, "the proxy passed nothing"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # what came is spliced; the client waits for more
+    return proxy, c, reading
+
+
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
     loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
@@ -255,17 +270,8 @@ def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
     srv, data = target
 
     async def main() -> None:
-        proxy = HoldingProxy(srv.port, hold_after=1 << 40)
-        port = await proxy.start()
+        proxy, c, reading = await held_read(srv.port, 0, 300_000)
         try:
-            c = await NBDClient.connect(("127.0.0.1", port), "disk", ClientSettings(request_timeout_s=20))
-            proxy.hold_after = proxy.passed + 16 + 300_000  # the reply's header and 300 kB of data
-            reading = asyncio.ensure_future(c.read_piped(0, MiB))
-            deadline = time.monotonic() + 10
-            while proxy.passed < proxy.hold_after:
-                assert time.monotonic() < deadline, "the proxy passed nothing"
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # spliced what came, waiting for more
             assert c._piped == 1 and c._link is not None and c._link._splicing is not None  # mid-splice
             c.abort("test")
             with pytest.raises(ConnectionAborted):
@@ -286,13 +292,8 @@ def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
     srv, data = target
 
     async def main() -> None:
-        proxy = HoldingProxy(srv.port, hold_after=1 << 40)
-        port = await proxy.start()
+        proxy, c, reading = await held_read(srv.port, MiB, 100_000)
         try:
-            c = await NBDClient.connect(("127.0.0.1", port), "disk", ClientSettings(request_timeout_s=20))
-            proxy.hold_after = proxy.passed + 16 + 100_000
-            reading = asyncio.ensure_future(c.read_piped(MiB, MiB))
-            await asyncio.sleep(0.3)
             reading.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await reading

@@ -63,9 +63,13 @@ def test_direct_io_from_a_non_coordinator(lab: tuple[Lab, LabState]) -> None:
 
 def test_storage_link_fault_redirects_without_errors(lab: tuple[Lab, LabState]) -> None:
     labo, st = lab
-    _, node = _non_coordinator(st)
+    coord, node = _non_coordinator(st)
     h.create(st, node, "/redirect.raw", 64 * MiB)
+    h.create(st, node, "/redirect-1m.raw", 64 * MiB)
     w = h.start_writer(st, node, "/redirect.raw", seed=21)
+    # 1 MiB blocks too: their redirected reads are spliced through the coordinator
+    big = h.start_writer(st, node, "/redirect-1m.raw", seed=22, block_size=MiB)
+    spliced = h.node_view(st, coord)["counters"]["served_spliced"]
     time.sleep(2)
     labo.set_link(node, "storage", up=False)
     took = wait_for(lambda: h.node_view(st, node)["state"] == "redirected", 30, f"{node} redirected")
@@ -78,8 +82,10 @@ def test_storage_link_fault_redirects_without_errors(lab: tuple[Lab, LabState]) 
     time.sleep(1)
     result = w.stop()
     h.assert_clean(result, "storage link fault")
+    h.assert_clean(big.stop(), "storage link fault, 1 MiB blocks")
     counters = h.node_view(st, node)["counters"]
     assert counters["redirected_requests"] > 0 and counters["direct_requests"] > 0
+    assert h.node_view(st, coord)["counters"]["served_spliced"] > spliced
 
 
 def test_held_write_never_lands_after_a_rewrite_through_the_coordinator(lab: tuple[Lab, LabState]) -> None:

@@ -304,15 +304,19 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def write_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send one frame; a large payload goes to the transport as it is (do not change it after)."""
-        transport = self.transport
-        if self._error is not None:
-            raise self._error
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
+        transport = self._open_transport()
         if len(payload) < _SEND_AS_IS:
             transport.write(encode_frame(header, payload))
         else:
             write_together(transport, (encode_frame_head(header, len(payload)), payload))
+
+    def _open_transport(self) -> asyncio.Transport:
+        """The transport, to write to; what ended the stream if it has ended."""
+        if self._error is not None:
+            raise self._error
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        return self.transport
 
     async def drain(self) -> None:
         """Return once the transport is under its high-water mark again."""
@@ -345,11 +349,7 @@ class FrameStream(asyncio.BufferedProtocol):
         transport, then the payload spliced from the pipe to the socket (no copy).
         The caller still owns ``payload`` (and releases it); no other frame may be
         written until this returns."""
-        transport = self.transport
-        if self._error is not None:
-            raise self._error
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
+        transport = self._open_transport()
         if self._waiter is None:
             self._waiter = FdWaiter(transport.get_extra_info("socket").fileno())
         waiter = self._waiter

@@ -11,11 +11,10 @@ import fcntl
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 
 from shoal.nbd.backend import FileBackend
 from shoal.nbd.client import ClientSettings, NBDClient
@@ -28,22 +27,10 @@ from tests.integration.nbd_helpers import (
     serving,
     short_dir,
 )
+from tests.loops import LOOPS, LoopFactory, run
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-
-
-def run(loop_factory: LoopFactory, main: Coroutine[Any, Any, None], timeout_s: float = 60) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(timeout_s):
-            await main
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(bounded())
-
-
 @pytest.fixture
 def pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
     """Every pipe the pool hands out during the test: (read fd, write fd, inode)."""
@@ -134,7 +121,7 @@ def test_piped_reads_carry_the_exact_bytes(
             # the connection goes on as usual
             assert await c.read(7, 100) == data[7:107]
 
-    run(loop_factory, main())
+    run(loop_factory, main(), timeout_s=60)
     assert pool_is_clean()
     assert pipes and len(POOL._free) <= POOL.keep
     assert_no_pipe_leaked(pipes)
@@ -164,7 +151,7 @@ def test_a_pipe_that_fills_up_gives_its_bytes_back_to_the_buffer(
             assert c.splice_refills == 4 and c.spliced == 0
         POOL.close()  # the small pipes are not kept for other tests
 
-    run(loop_factory, main())
+    run(loop_factory, main(), timeout_s=60)
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
@@ -279,7 +266,7 @@ def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
         finally:
             proxy.close()
 
-    run(loop_factory, main())
+    run(loop_factory, main(), timeout_s=60)
     assert pool_is_clean()
     assert len(pipes) == 1 and (pipes[0][0], pipes[0][1]) not in POOL._free  # closed, not pooled
     assert_no_pipe_leaked(pipes)
@@ -306,7 +293,7 @@ def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
         finally:
             proxy.close()
 
-    run(loop_factory, main())
+    run(loop_factory, main(), timeout_s=60)
     assert pool_is_clean()
     assert len(pipes) == 2
     assert_no_pipe_leaked(pipes)

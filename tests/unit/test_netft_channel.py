@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -40,6 +39,7 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.pipes import POOL, Piped, unread
+from tests.loops import LOOPS, LoopFactory, run
 
 KEY = derive_key(b"k" * 32, "demo", "channel")
 MIB = 1 << 20
@@ -160,19 +160,6 @@ def test_queued_bytes_count_what_is_not_taken() -> None:
 
 
 # -- the channel on loopback, on both loops ----------------------------------------------
-
-LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-
-
-def run(loop_factory: LoopFactory, main: Coroutine[Any, Any, None], timeout_s: float = 30) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(timeout_s):
-            await main
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(bounded())
-
 
 @contextlib.asynccontextmanager
 async def echo_server(seen: list[Any] | None = None) -> AsyncIterator[tuple[ChannelServer, int]]:

@@ -563,6 +563,10 @@ class VolumeRuntime:
         if r is not None and r.lapsed:
             await self._confirm_after_lapse()
 
+    def ready_now(self) -> bool:
+        r = self.renewer
+        return not self.fenced and (r is None or not r.lapsed)
+
     def file_level(self) -> bool:
         return Reason.MAINTENANCE in self.reasons
 

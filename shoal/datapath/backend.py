@@ -36,9 +36,9 @@ from typing import Protocol
 
 from shoal.coordinator.errors import MapUnavailable, MetadataError
 from shoal.coordinator.maps import MapCache
-from shoal.datapath.errors import DataPathError
+from shoal.datapath.errors import DataPathError, PathFailed
 from shoal.datapath.router import BlockRouter
-from shoal.nbd.backend import AsyncBackend, ExportResolver, Extent
+from shoal.nbd.backend import AsyncBackend, ExportResolver, Extent, ReadDone
 from shoal.nbd.constants import STATE_HOLE, STATE_ZERO
 from shoal.nbd.errors import BackendError
 
@@ -57,6 +57,9 @@ class VolumeAccess(Protocol):
 
     async def ready(self) -> None:
         """Wait while I/O must wait; raise Fenced when this node may not do I/O."""
+
+    def ready_now(self) -> bool:
+        """True when :meth:`ready` would return at once, without raising."""
 
     def file_level(self) -> bool:
         """True in maintenance mode: file requests go to the coordinator."""
@@ -87,6 +90,20 @@ async def _all_done(tasks: list[asyncio.Future[bytes]]) -> None:
             t.exception()  # retrieved here; result() below raises it
     if cancelled:
         raise asyncio.CancelledError
+
+
+def _then(task: asyncio.Future[bytes], done: ReadDone) -> None:
+    """Call ``done`` with the task's outcome when it ends."""
+
+    def ended(t: asyncio.Future[bytes]) -> None:
+        if t.cancelled():
+            done(None, asyncio.CancelledError())
+        elif t.exception() is not None:
+            done(None, t.exception())
+        else:
+            done(t.result(), None)
+
+    task.add_done_callback(ended)
 
 
 class FileBackend(AsyncBackend):
@@ -133,6 +150,37 @@ class FileBackend(AsyncBackend):
             except MapUnavailable:
                 continue
         raise BackendError(f"{what}: the map of file {self.ino} kept changing; retry", errno.EAGAIN)
+
+    def read_now(self, offset: int, length: int, done: ReadDone) -> bool:
+        """The common read, started from the server's callback with no task of its own:
+        ready, not in maintenance, one mapped segment of a cached map, direct. The map
+        stays held until the data is back. False (nothing started) when any of that does
+        not hold: the server runs :meth:`read` as a task instead."""
+        access = self.access
+        if not access.ready_now() or access.file_level():
+            return False
+        hold = access.maps.using(self.ino)
+        try:
+            m = hold.__enter__()
+        except MapUnavailable:
+            return False  # not cached, or revoked: read() looks it up
+        segs = m.segments(offset, length)
+        started = False
+        try:
+            if len(segs) == 1 and segs[0][1] is not None:
+
+                def landed(data: bytes | None, err: BaseException | None) -> None:
+                    hold.__exit__(None, None, None)
+                    if isinstance(err, PathFailed):  # the path is down now: read() redirects
+                        _then(asyncio.ensure_future(self.read(offset, length)), done)
+                    else:
+                        done(data, err)
+
+                started = access.router.start_read(segs[0][1], length, landed)
+            return started
+        finally:
+            if not started:
+                hold.__exit__(None, None, None)
 
     async def read(self, offset: int, length: int) -> bytes:
         try:

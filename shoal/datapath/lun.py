@@ -29,7 +29,7 @@ from typing import cast
 from shoal.config.volumes import parse_lun
 from shoal.datapath.errors import PathFailed
 from shoal.errors import UsageError
-from shoal.nbd.client import ClientSettings, NBDClient
+from shoal.nbd.client import ClientSettings, NBDClient, Then
 from shoal.nbd.constants import TxFlag
 from shoal.nbd.errors import NBDError
 from shoal.util.pipes import Piped
@@ -37,6 +37,8 @@ from shoal.util.pipes import Piped
 log = logging.getLogger(__name__)
 
 DATA_CONNECTIONS = 2
+#: what a request on the path can fail with; any of them takes the path down
+FAILURES = (NBDError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,13 @@ class StoragePath:
     def abort(self, reason: str) -> dict[str, int]:
         """Abort every connection: queued requests are discarded, in-flight ones fail."""
         totals = {"discarded": 0, "in_flight": 0}
-        for c in [*self._clients, *([self._control] if self._control else [])]:
-            for k, v in c.abort(reason).items():
-                totals[k] = totals.get(k, 0) + v
+        clients = [*self._clients, *([self._control] if self._control else [])]
         self._clients, self._control = [], None
         if self.failure is None:
             self.failure = reason
+        for c in clients:
+            for k, v in c.abort(reason).items():
+                totals[k] = totals.get(k, 0) + v
         return totals
 
     def _pick(self, control: bool) -> NBDClient:
@@ -126,14 +129,28 @@ class StoragePath:
         try:
             # the client's own request timeout is the I/O timeout (it aborts the connection)
             return await fn(client)  # type: ignore[operator]
-        except (NBDError, OSError, TimeoutError) as err:
-            detail = str(err) or f"no answer within the I/O timeout ({self.io_timeout_s:g} s)"
-            reason = f"{what} failed: {detail}"
-            if self.failure is None:
-                counts = self.abort(reason)
-                log.warning("%s: storage path to %s failed (%s); aborted %d queued and %d in-flight requests",
-                            self.holder, self.address, reason, counts["discarded"], counts["in_flight"])
-            raise PathFailed(reason) from err
+        except FAILURES as err:
+            raise self.failed(what, err) from err
+
+    def failed(self, what: str, err: BaseException) -> PathFailed:
+        """A request on the path failed (one of FAILURES): the path goes down, every
+        connection is aborted; returns the PathFailed to raise."""
+        detail = str(err) or f"no answer within the I/O timeout ({self.io_timeout_s:g} s)"
+        reason = f"{what} failed: {detail}"
+        if self.failure is None:
+            counts = self.abort(reason)
+            log.warning("%s: storage path to %s failed (%s); aborted %d queued and %d in-flight requests",
+                        self.holder, self.address, reason, counts["discarded"], counts["in_flight"])
+        return PathFailed(reason)
+
+    def start_read(self, offset: int, length: int, then: Then) -> bool:
+        """A small data read sent now, without a task (``NBDClient.start_read``):
+        ``then`` gets the bytearray the data came in, or the client's error (one of
+        FAILURES, which the caller hands to :meth:`failed`). False when the path is
+        down or the read cannot leave at once: the caller awaits :meth:`read`."""
+        if self.failure is not None:
+            return False
+        return self._clients[next(self._rr) % len(self._clients)].start_read(offset, length, then)
 
     async def read(self, offset: int, length: int, *, control: bool = False, copy: bool = True) -> bytes:
         """``copy=False``: the bytearray the data was received into (no copy; the data

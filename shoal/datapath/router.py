@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from shoal.datapath.errors import PathFailed
-from shoal.datapath.lun import StoragePath
+from shoal.datapath.lun import FAILURES, StoragePath
 from shoal.datapath.states import Counters
 
 log = logging.getLogger(__name__)
 
 #: (kind, offset, length, payload) -> reply payload; kind is read|write|zero|flush
 Redirect = Callable[[str, int, int, bytes], Awaitable[bytes]]
+#: (data, None) or (None, error): how a read started from a callback ends
+ReadDone = Callable[[bytes | None, BaseException | None], None]
 
 
 class BlockRouter:
@@ -66,6 +69,32 @@ class BlockRouter:
         self.counters.redirected_requests += 1
         self.counters.redirected_bytes += length
         return data
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        """A direct read sent now, from a callback (no task; the 4 KiB read's fast path).
+
+        ``done(data, None)`` when it is back; ``done(None, err)`` when it failed. A path
+        failure has then been handled as :meth:`read` handles it (path down, owner told)
+        and ``err`` is the PathFailed: the caller reads again with :meth:`read`, which
+        redirects. Returns False, having sent nothing, when the read is not direct now
+        or cannot leave at once."""
+        if self.control or not self.direct():
+            return False
+        counters = self.counters
+
+        def landed(data: object, err: BaseException | None) -> None:
+            if err is None:
+                counters.direct_requests += 1
+                counters.direct_bytes += length
+                done(cast(bytes, data), None)
+            elif isinstance(err, FAILURES):
+                failure = self.path.failed("read", err)
+                self._on_path_failed(str(failure))
+                done(None, failure)
+            else:
+                done(None, err)
+
+        return self.path.start_read(offset, length, landed)
 
     async def read(self, offset: int, length: int) -> bytes:
         """The data (a bytearray when it came straight from the path: not copied)."""

@@ -38,6 +38,7 @@ import errno
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -171,7 +172,16 @@ class AsyncBackend(ABC):
         """Allocation runs from ``offset``; the default says "all data"."""
         return [(length, 0)]
 
+    def read_now(self, offset: int, length: int, done: ReadDone) -> bool:
+        """Optional fast path for a read the server would otherwise run as a task:
+        start it from the server's callback and, later, call ``done(data, None)`` or
+        ``done(None, error)`` exactly once (never before returning); True if started.
+        The default starts nothing."""
+        return False
 
+
+#: how a read started with ``AsyncBackend.read_now`` ends: (data, None) or (None, error)
+ReadDone: TypeAlias = Callable[[bytes | None, BaseException | None], None]
 AnyBackend: TypeAlias = Backend | AsyncBackend
 
 

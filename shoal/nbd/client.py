@@ -71,6 +71,12 @@ from shoal.util.transports import write_together
 log = logging.getLogger(__name__)
 
 Address = str | tuple[str, int]
+# plain ints and a bound method: enum attribute lookups cost on every request
+_READ = int(Cmd.READ)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_pack_request = wire.REQUEST.pack
+#: a start_read's callback: (buffer, None) or (None, error)
+Then = Callable[[object, "NBDError | None"], None]
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class _Pending:
     extents: list[tuple[int, int]] | None = None  # BLOCK_STATUS only: none made per request
     error: int = 0
     message: str = ""
+    #: a start_read's callback (the future then only marks the request done)
+    then: Then | None = None
 
 
 class _Link(asyncio.BufferedProtocol):
@@ -116,9 +124,8 @@ class _Link(asyncio.BufferedProtocol):
     def __init__(self, client: NBDClient, hs: ClientHandshake):
         self.client = client
         self.transport: asyncio.Transport | None = None
-        self.handshake_done: asyncio.Future[Ready | ExportList | Preempted] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.loop = asyncio.get_running_loop()  # (looked up once: it costs a getpid())
+        self.handshake_done: asyncio.Future[Ready | ExportList | Preempted] = self.loop.create_future()
         self.hs: ClientHandshake | None = hs
         self.parser = ReplyParser()
         # flow control: large payloads are written in pieces, each only while the
@@ -144,7 +151,7 @@ class _Link(asyncio.BufferedProtocol):
         loop iteration, in order."""
         if not self._cork_scheduled:
             self._cork_scheduled = True
-            asyncio.get_running_loop().call_soon(self.uncork)
+            self.loop.call_soon(self.uncork)
         self._cork += header
         if payload:
             self._cork += payload
@@ -736,18 +743,7 @@ class NBDClient:
             link = self._link
             if link is None or link.transport is None:
                 raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
-            cookie = next(self._cookies)
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[object] = loop.create_future()
-            pending = _Pending(cmd, offset, fut, loop.time())
-            if cmd == Cmd.READ:
-                pending.buf = unzeroed(length)  # the parser zeroes what the reply leaves unfilled
-                link.parser.expect_read(cookie, offset, length, pending.buf, stale=True)
-                if pipe is not None:  # the request's until it is done
-                    pending.pipe, pipe.taken = pipe.fds, True
-                    self._piped += 1
-            self._pending[cookie] = pending
-            self._arm_watchdog()
+            cookie, fut = self._expect(link, cmd, offset, length, pipe)
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
             if len(payload) <= _CORK_MAX and not link.write_lock.locked():
                 # queued without yielding: cannot interleave with another request
@@ -773,6 +769,42 @@ class NBDClient:
                 raise
         finally:
             self._release()
+
+    def start_read(self, offset: int, length: int, then: Then) -> bool:
+        """Send a small read now, from a callback: no task, nothing awaited.
+
+        ``then(buf, None)`` is called with what :meth:`read_buffer` would return as
+        soon as the reply is parsed (from this client's receive callback);
+        ``then(None, err)`` with its error, soon after the failure (never from within
+        :meth:`abort`). Returns False, having sent nothing, when the read cannot leave
+        at once (not connected, closing, every slot taken, a large write being sent):
+        the caller awaits read_buffer instead.
+        """
+        link = self._link
+        if (link is None or link.transport is None or self._closing or self._queued
+                or self._in_flight >= self.settings.max_in_flight or link.write_lock.locked()):
+            return False
+        self._in_flight += 1
+        cookie = self._expect(link, _READ, offset, length, None, then)[0]
+        link.send_small(_pack_request(REQUEST_MAGIC, 0, _READ, cookie, offset, length), b"")
+        return True
+
+    def _expect(self, link: _Link, cmd: int, offset: int, length: int, pipe: _PipeHold | None,
+                then: Then | None = None) -> tuple[int, asyncio.Future[object]]:
+        """A new request's cookie and the future its reply completes (the caller sends it)."""
+        cookie = next(self._cookies)
+        loop = link.loop
+        fut: asyncio.Future[object] = loop.create_future()
+        pending = _Pending(cmd, offset, fut, loop.time(), then=then)
+        if cmd == _READ:
+            pending.buf = unzeroed(length)  # the parser zeroes what the reply leaves unfilled
+            link.parser.expect_read(cookie, offset, length, pending.buf, stale=True)
+            if pipe is not None:  # the request's until it is done
+                pending.pipe, pipe.taken = pipe.fds, True
+                self._piped += 1
+        self._pending[cookie] = pending
+        self._arm_watchdog()
+        return cookie, fut
 
     def _release(self) -> None:
         while self._queued:
@@ -810,18 +842,34 @@ class NBDClient:
                 result = Piped(POOL, pipe, len(pending.buf))  # the caller's now
             else:  # unused (the data came in pieces), or nobody will take it
                 POOL.give(pipe, emptied=not pending.spliced)
-        if pending.future.done():  # abandoned by a cancelled caller
-            return
         if pending.error:
-            pending.future.set_exception(
-                NBDCommandError(_name(pending.cmd), pending.error, pending.message)
-            )
-        elif pending.cmd == Cmd.READ:
-            pending.future.set_result(result)
-        elif pending.cmd == Cmd.BLOCK_STATUS:
-            pending.future.set_result(pending.extents or [])
+            self._settle(pending, None, NBDCommandError(_name(pending.cmd), pending.error, pending.message))
+        elif pending.cmd == _READ:
+            self._settle(pending, result, None)
+        elif pending.cmd == _BLOCK_STATUS:
+            self._settle(pending, pending.extents or [], None)
         else:
+            self._settle(pending, None, None)
+
+    def _settle(self, pending: _Pending, result: object, err: NBDError | None) -> None:
+        """Hand a finished request's outcome to whoever waits for it."""
+        then = pending.then
+        if then is None:
+            if pending.future.done():  # abandoned by a cancelled caller
+                return
+            if err is not None:
+                pending.future.set_exception(err)
+            else:
+                pending.future.set_result(result)
+            return
+        # a start_read: the future only marks it done (close() waits for it)
+        if not pending.future.done():
             pending.future.set_result(None)
+        self._release()
+        if err is None:
+            then(result, None)
+        else:  # later: a failure is met inside abort(), which its handler may call again
+            asyncio.get_running_loop().call_soon(then, None, err)
 
     def _connection_failed(self, link: _Link, err: NBDError) -> None:
         link._end_splice()  # before any pipe it splices into is closed
@@ -833,14 +881,14 @@ class NBDClient:
         self._fail_pending(err)
 
     def _fail_pending(self, err: NBDError) -> None:
-        for pending in self._pending.values():
+        pendings = list(self._pending.values())
+        self._pending.clear()
+        self._piped = 0
+        for pending in pendings:
             if pending.pipe is not None:
                 POOL.give(pending.pipe, emptied=False)
                 pending.pipe = None
-            if not pending.future.done():
-                pending.future.set_exception(err)
-        self._pending.clear()
-        self._piped = 0
+            self._settle(pending, None, err)
 
     def address_text(self) -> str:
         if isinstance(self.address, str):

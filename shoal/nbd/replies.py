@@ -301,7 +301,7 @@ class ReplyParser:
         done = bool(flags & REPLY_FLAG_DONE)
         read = self._reads.get(cookie)
         # data for a read with a destination: it goes there, not into a new bytes object
-        into = ctype == Chunk.OFFSET_DATA and read is not None and read[2] is not None and length >= 9
+        into = ctype == _OFFSET_DATA and read is not None and read[2] is not None and length >= 9
         if len(buf) < end:
             head = wire.CHUNK_HEADER.size + 8
             if into and len(buf) >= head:

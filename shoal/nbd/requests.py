@@ -36,6 +36,7 @@ from shoal.nbd.errors import RemoteProtocolError
 
 HEADER = wire.REQUEST.size
 _unpack = wire.REQUEST.unpack_from
+_WRITE = int(Cmd.WRITE)  # a plain int: an enum's attribute lookup costs on every request
 
 
 class Request(NamedTuple):
@@ -61,7 +62,7 @@ def parse_request(
     if magic != REQUEST_MAGIC:
         raise RemoteProtocolError(f"bad request magic {magic:#x}")
     total = HEADER
-    if cmd == Cmd.WRITE:
+    if cmd == _WRITE:
         if length > max_payload:
             raise RemoteProtocolError(
                 f"write of {length} bytes exceeds the maximum block size {max_payload}"

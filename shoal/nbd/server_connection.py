@@ -59,6 +59,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import socket
@@ -70,7 +71,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from shoal.nbd import replies
 from shoal.nbd.backend import AnyBackend, AsyncBackend, Backend, ExportResolver
 from shoal.nbd.constants import Cmd, Opt, Rep, TxFlag
-from shoal.nbd.errors import LocalProtocolError, RemoteProtocolError
+from shoal.nbd.errors import BackendError, LocalProtocolError, RemoteProtocolError
 from shoal.nbd.fencing import PreemptOrder, Registration
 from shoal.nbd.requests import Request, RequestChecker, parse_request
 from shoal.nbd.server_handshake import (
@@ -92,6 +93,7 @@ from shoal.nbd.server_work import (
     Work,
     cmd_name,
     error_of,
+    read_reply,
     run_async,
     run_blocking,
 )
@@ -105,6 +107,7 @@ log = logging.getLogger("shoal.nbd.server")
 
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
 
 _RX_INITIAL = 256 * 1024
 _RX_MIN_FREE = 64 * 1024
@@ -177,6 +180,7 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NBDServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # (looked up once: it costs a getpid())
         self.peer = "?"
         #: set once NBD_OPT_SHOAL_REGISTER was accepted; PREEMPT finds us by it
         self.registration: Registration | None = None
@@ -199,6 +203,8 @@ class Connection(asyncio.BufferedProtocol):
         self._size = 0
         self._fast_read_max = 0
         self._fast_write_max = 0
+        self._plain_read_max = 0
+        self._minimum = 1
         self._work: dict[asyncio.Future[Reply], Work] = {}
         self._work_bytes = 0
         #: completed replies waiting for the transport to drain (with their pool buffer)
@@ -229,7 +235,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self._keeps_views = _keeps_views(asyncio.get_running_loop())
+        self._keeps_views = _keeps_views(self._loop)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix#{next(_peer_ids)}"
         self.server._conns.add(self)
@@ -572,6 +578,8 @@ class Connection(asyncio.BufferedProtocol):
         # the fast path skips RequestChecker: only when alignment and read-only cannot matter
         fast = min(fast, bs.maximum) if bs.minimum == 1 else 0
         self._size = ev.export.size
+        self._minimum = bs.minimum
+        self._plain_read_max = bs.maximum
         self._fast_read_max = fast
         self._fast_write_max = 0 if ev.flags & TxFlag.READ_ONLY else fast
         self._checker = RequestChecker(
@@ -624,37 +632,44 @@ class Connection(asyncio.BufferedProtocol):
             if cmd == _WRITE and req.length <= self._fast_write_max:
                 self._write_inline(req, view[nxt - req.length : nxt])
                 return
+            if cmd == _READ and req.length <= self._plain_read_max and not (req.offset | req.length) % self._minimum:
+                self._spawn(req, view[:0])  # (an async backend's read: also valid unchecked)
+                return
         error, message = checker.check(req)
         if error:
             log.warning("nbd %s: %s request refused: %s", self.peer, cmd_name(cmd), message)
             self._queue(replies.error_reply(req.cookie, error, message, self._structured))
             return
-        if cmd == Cmd.DISC:
+        if cmd == _DISC:
             self._disconnect()
             return
-        self._spawn(req, view[nxt - req.length : nxt] if cmd == Cmd.WRITE else view[:0])
+        self._spawn(req, view[nxt - req.length : nxt] if cmd == _WRITE else view[:0])
 
     def _read_inline(self, req: Request) -> None:
         backend = self._backend
         assert backend is not None
+        at = self._read_header_out(req)
+        try:
+            backend.read_into(req.offset, self._outv[at : at + req.length])
+        except Exception as err:  # noqa: BLE001 - becomes an NBD error reply
+            self._queue(
+                replies.error_reply(req.cookie, *error_of(err, self.peer), self._structured)
+            )
+            return
+        self._opos = at + req.length
+        if self._opos >= _FLUSH_EARLY:
+            self._flush_early()
+
+    def _read_header_out(self, req: Request) -> int:
+        """Pack a READ reply's header in the output buffer, with room for its data after
+        it; returns where the data goes (the caller advances ``_opos`` once it is there)."""
         length = req.length
         if self._opos + replies.DATA_HEADER + length > len(self._out):
             self._flush_out()
             if replies.DATA_HEADER + length > len(self._out):
                 self._grow_out(replies.DATA_HEADER + length)
         pos = self._opos
-        out = self._outv
-        h = replies.pack_read_header(out, req.cookie, req.offset, length, self._structured, pos)
-        try:
-            backend.read_into(req.offset, out[pos + h : pos + h + length])
-        except Exception as err:  # noqa: BLE001 - becomes an NBD error reply
-            self._queue(
-                replies.error_reply(req.cookie, *error_of(err, self.peer), self._structured)
-            )
-            return
-        self._opos = pos + h + length
-        if self._opos >= _FLUSH_EARLY:
-            self._flush_early()
+        return pos + replies.pack_read_header(self._outv, req.cookie, req.offset, length, self._structured, pos)
 
     def _write_inline(self, req: Request, payload: memoryview) -> None:
         backend = self._backend
@@ -672,12 +687,16 @@ class Connection(asyncio.BufferedProtocol):
         """Hand a request to the pool or a task; it gets its own copy of a WRITE's payload."""
         cmd = req.cmd
         nbytes = req.length if cmd == _WRITE or cmd == _READ else 0
-        future: asyncio.Future[Reply]
+        future: asyncio.Future[Any]  # the Reply, or a read_now's data (work.now)
         if self._abackend is not None:
-            work = Work(req, nbytes)
-            future = asyncio.get_running_loop().create_task(
-                run_async(self._abackend, work, bytes(payload), self._framing)
-            )
+            loop = self._loop
+            future = loop.create_future()
+            if cmd == _READ and self._abackend.read_now(
+                    req.offset, req.length, functools.partial(self._read_done, future)):
+                work = Work(req, nbytes, started=True, now=True)
+            else:
+                work = Work(req, nbytes)
+                future = loop.create_task(run_async(self._abackend, work, bytes(payload), self._framing))
         else:
             assert self._backend is not None
             buf = self.server.buffers.take(nbytes) if nbytes >= _POOL_BUFFER_MIN else None
@@ -700,22 +719,58 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
         future.add_done_callback(self._finished)
 
-    def _finished(self, future: asyncio.Future[Reply]) -> None:
+    def _read_done(self, future: asyncio.Future[Any], data: bytes | None, err: BaseException | None) -> None:
+        """A read_now's end: its reply is queued now, not one loop step later."""
+        if future.done():  # cancelled (the connection ended): _finished has run
+            return
+        future.remove_done_callback(self._finished)
+        req = self._work[future].req
+        if (data is not None and len(data) == req.length < _WRITE_DIRECT_MIN and not self._backlog
+                and self.phase is Phase.TRANSMISSION and not self._paused_by_transport):
+            # the common case, short: the reply goes straight into the output buffer
+            future.set_result(None)
+            self._forget_work(future)
+            at = self._read_header_out(req)
+            self._outv[at : at + req.length] = data
+            self._opos = at + req.length
+            if self._opos >= _FLUSH_EARLY:
+                self._flush_early()
+            if self._opos and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._scheduled_flush)
+            return
+        if err is None:
+            future.set_result(data)
+        else:
+            future.set_exception(err)
+        self._finished(future)
+
+    def _forget_work(self, future: asyncio.Future[Any]) -> Work:
+        """Work that ended leaves the books (reading resumes if it had paused for it)."""
         work = self._work.pop(future)
         self._work_bytes -= work.nbytes
-        err = None if future.cancelled() else future.exception()  # always retrieved
         if self._paused_by_work and (
             len(self._work) < _MAX_WORK // 2 and self._work_bytes < _MAX_WORK_BYTES // 2
         ):
             self._paused_by_work = False
             self._update_reading()
+        return work
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        work = self._forget_work(future)
+        err = None if future.cancelled() else future.exception()  # always retrieved
         if self.phase is Phase.CLOSED or future.cancelled():
             self._give_back(work.buf)
             self._forget_if_idle()
             return  # nobody to reply to, or we decided not to
-        if err is None:
+        if err is None and work.now:
+            try:
+                reply = read_reply(work.req, future.result(), self._framing)
+            except BackendError as bad:
+                err = bad
+        elif err is None:
             reply = future.result()
-        else:
+        if err is not None:
             req = work.req
             code, message = error_of(err, self.peer)
             reply = (replies.error_reply(req.cookie, code, message, self._structured),)
@@ -742,7 +797,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._opos and not self._flush_scheduled:
             # the replies completing in this loop iteration leave in one write
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            self._loop.call_soon(self._scheduled_flush)
         if self.phase is Phase.DRAINING and not self._work and not backlog:
             self.close()
 

@@ -60,6 +60,9 @@ class Work:
     pool: concurrent.futures.Future[Reply] | None = None  # a thread-pool job
     buf: bytearray | None = None  # from the BufferPool, given back when done
     started: bool = False  # a task's coroutine has taken its first step
+    #: a READ the async backend started from the server's callback (``read_now``):
+    #: the future's result is the data, not the reply
+    now: bool = False
 
     def cancel_unstarted(self, future: asyncio.Future[Reply]) -> bool:
         """Cancel unless the backend call has begun; True if it never will."""
@@ -136,12 +139,7 @@ async def run_async(backend: AsyncBackend, work: Work, payload: bytes, f: Framin
     fua = bool(req.flags & _FUA)
     cmd = req.cmd
     if cmd == Cmd.READ:
-        data = await backend.read(req.offset, req.length)
-        if len(data) != req.length:
-            raise BackendError(
-                f"backend returned {len(data)} bytes for a read of {req.length}", EIO
-            )
-        return (_read_header(req, f), data)
+        return read_reply(req, await backend.read(req.offset, req.length), f)
     if cmd == Cmd.WRITE:
         await backend.write(req.offset, payload, fua=fua)
     elif cmd == Cmd.FLUSH:
@@ -155,6 +153,13 @@ async def run_async(backend: AsyncBackend, work: Work, payload: bytes, f: Framin
     elif cmd == Cmd.BLOCK_STATUS:
         return (block_status_reply(req, await backend.block_status(req.offset, req.length), f),)
     return (replies.simple_reply(req.cookie),)
+
+
+def read_reply(req: Request, data: bytes, f: Framing) -> Reply:
+    """The reply to a READ whose data an async backend returned."""
+    if len(data) != req.length:
+        raise BackendError(f"backend returned {len(data)} bytes for a read of {req.length}", EIO)
+    return (_read_header(req, f), data)
 
 
 def _read_header(req: Request, f: Framing) -> bytearray:

@@ -11,12 +11,12 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from shoal.nbd import wire
-from shoal.nbd.backend import AnyBackend, AsyncBackend, ExportResolver, Extent
+from shoal.nbd.backend import AnyBackend, AsyncBackend, ExportResolver, Extent, ReadDone
 from shoal.nbd.client import ClientSettings, NBDClient, list_exports
 from shoal.nbd.constants import IHAVEOPT, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, Opt, Rep
 from shoal.nbd.errors import (
@@ -266,6 +266,86 @@ def test_a_short_read_from_an_async_backend_is_an_error_not_a_broken_stream() ->
                 await c.write(0, b"ok")  # the stream is intact
 
         run(check())
+
+
+class NowBackend(MemoryBackend):
+    """Reads start from the server's callback (``read_now``) and end ``delays`` later
+    from the loop, or when the test calls them (``hold``); offsets in ``declined`` go
+    to ``read()``; ``short`` ones return a byte too few."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.declined: set[int] = set()
+        self.short: set[int] = set()
+        self.now: list[int] = []
+        self.hold = False
+        self.held: list[Callable[[], None]] = []
+
+    def read_now(self, offset: int, length: int, done: ReadDone) -> bool:
+        if offset in self.declined:
+            return False
+        self.now.append(offset)
+
+        def end() -> None:
+            if offset in self.errors:
+                done(None, BackendError("injected", self.errors[offset]))
+            else:
+                n = length - 1 if offset in self.short else length
+                done(bytes(self.data[offset : offset + n]), None)
+
+        if self.hold:
+            self.held.append(end)
+        else:
+            asyncio.get_running_loop().call_later(self.delays.get(offset, 0), end)
+        return True
+
+
+def test_reads_started_from_the_servers_callback(caplog: pytest.LogCaptureFixture) -> None:
+    backend = NowBackend()
+    backend.data[0:4096] = b"\x01" * 4096
+    backend.data[MiB : MiB + 8192] = b"\x02" * 8192
+    backend.data[2 * MiB : 2 * MiB + 4096] = b"\x03" * 4096
+    backend.delays = {0: 0.4, MiB: 0.2}  # the first read ends last
+    backend.declined = {2 * MiB}
+    backend.errors = {3 * MiB: errno.EIO}
+    backend.short = {4 * MiB}
+    with short_dir() as d, serving({"now": backend}, os.path.join(d, "s")) as srv:
+        out = qemu_io(srv.uri("now"), "aio_read -P 1 0 4k", "aio_read -P 2 1M 8k",
+                      "aio_read -P 3 2M 4k", "aio_flush", "read 3M 4k")
+        assert "read failed: Input/output error" in out, out
+        assert out.count("read 4096/4096") == 2 and "read 8192/8192" in out, out
+        assert backend.now == [0, MiB, 3 * MiB]
+        # the declined one went through read()
+        assert [r for r in backend.started if r[0] == "read"] == [("read", 2 * MiB)]
+
+        async def ours() -> None:
+            async with await NBDClient.connect(srv.sock, "now") as c:
+                with pytest.raises(NBDCommandError, match="4095 bytes for a read of 4096"):
+                    await c.read(4 * MiB, 4096)
+                assert await c.read(MiB, 4) == b"\x02" * 4  # the stream is intact
+
+        run(ours())
+
+        # the client vanishes while reads are out: they end later, with nobody to answer
+        async def cut() -> None:
+            backend.hold = True
+            c = await NBDClient.connect(srv.sock, "now", ClientSettings(request_timeout_s=30))
+            reads = [asyncio.create_task(c.read(i * 4096, 4096)) for i in range(4)]
+            while len(backend.held) < 4:
+                await asyncio.sleep(0.01)
+            c.abort("test")
+            results = await asyncio.gather(*reads, return_exceptions=True)
+            assert all(isinstance(r, NBDConnectionError) for r in results), results
+            await asyncio.sleep(0.1)
+            for end in backend.held:
+                srv.loop.call_soon_threadsafe(end)
+            while srv.connections():  # the server let the connection go
+                await asyncio.sleep(0.01)
+
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            run(cut())
+    noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not noise, noise
 
 
 def test_back_pressure_bounds_async_work_per_connection(

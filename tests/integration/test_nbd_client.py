@@ -231,3 +231,43 @@ def test_a_request_during_close_is_refused_at_once(tmp_path) -> None:  # type: i
         return took
 
     assert asyncio.run(main()) < 1.0
+
+
+def test_start_read_sends_from_a_callback_and_answers_through_then(
+        gated: tuple[BackgroundServer, GatedBackend]) -> None:
+    srv, backend = gated
+    backend.gate.set()  # writes pass
+
+    async def scenario() -> None:
+        c = await NBDClient.connect(srv.sock, "disk", ClientSettings(max_in_flight=2))
+        await c.write(0, b"a" * 4096 + b"b" * 4096)
+        got: list[tuple[object, object]] = []
+        both = asyncio.Event()
+
+        def then(data: object, err: object) -> None:
+            got.append((bytes(data) if isinstance(data, bytearray) else data, err))
+            if len(got) == 2:
+                both.set()
+
+        assert c.start_read(0, 4096, then) and c.start_read(4096, 4096, then)
+        assert not c.start_read(8192, 4096, then), "a third read went out with max_in_flight=2"
+        assert not got, "then() ran before the reply could have come"
+        await asyncio.wait_for(both.wait(), 10)
+        assert sorted(got) == [(b"a" * 4096, None), (b"b" * 4096, None)]
+        # both slots are free again
+        got.clear()
+        both.clear()
+        assert c.start_read(0, 4096, then) and c.start_read(0, 4096, then)
+        await asyncio.wait_for(both.wait(), 10)
+
+        # an abort: the error reaches then() after abort() has returned, not from inside it
+        got.clear()
+        both.clear()
+        assert c.start_read(0, 4096, then) and c.start_read(4096, 4096, then)
+        c.abort("test")
+        assert not got
+        await asyncio.wait_for(both.wait(), 10)
+        assert all(data is None and isinstance(err, NBDConnectionError) for data, err in got), got
+        assert not c.start_read(0, 4096, then), "a read went out on an aborted connection"
+
+    run(scenario())

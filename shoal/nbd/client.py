@@ -867,7 +867,10 @@ class NBDClient:
             pending.future.set_result(None)
         self._release()
         if err is None:
-            then(result, None)
+            try:
+                then(result, None)
+            except Exception:  # noqa: BLE001 - the caller's bug must not break this stream
+                log.exception("nbd client: the callback of a read from %s failed", self._where())
         else:  # later: a failure is met inside abort(), which its handler may call again
             asyncio.get_running_loop().call_soon(then, None, err)
 

@@ -271,3 +271,25 @@ def test_start_read_sends_from_a_callback_and_answers_through_then(
         assert not c.start_read(0, 4096, then), "a read went out on an aborted connection"
 
     run(scenario())
+
+
+def test_a_failing_start_read_callback_does_not_break_the_connection(
+        gated: tuple[BackgroundServer, GatedBackend], caplog: pytest.LogCaptureFixture) -> None:
+    srv, backend = gated
+    backend.gate.set()
+
+    async def scenario() -> None:
+        async with await NBDClient.connect(srv.sock, "disk") as c:
+            called = asyncio.Event()
+
+            def then(data: object, err: object) -> None:
+                called.set()
+                raise RuntimeError("a bug in the caller")
+
+            assert c.start_read(0, 4096, then)
+            await asyncio.wait_for(called.wait(), 10)
+            await c.write(0, b"still here")
+            assert await c.read(0, 10) == b"still here"
+
+    run(scenario())
+    assert any("callback of a read" in r.getMessage() for r in caplog.records)

@@ -633,7 +633,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._write_inline(req, view[nxt - req.length : nxt])
                 return
             if cmd == _READ and req.length <= self._plain_read_max and not (req.offset | req.length) % self._minimum:
-                self._spawn(req, view[:0])  # (an async backend's read: also valid unchecked)
+                self._spawn(req, view[:0])  # a plain READ too large to run inline: as valid
                 return
         error, message = checker.check(req)
         if error:

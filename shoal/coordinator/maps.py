@@ -106,7 +106,8 @@ class _FileState:
 
 
 class _Hold:
-    """One I/O's hold on a file's map (a class, not a generator: it is on every I/O)."""
+    """One I/O's hold on a file's map (a class, not a generator: it is on every I/O).
+    ``with`` it, or ``take`` and ``release`` it when the I/O ends in a callback."""
 
     __slots__ = ("st", "ino")
 
@@ -115,6 +116,13 @@ class _Hold:
         self.ino = ino
 
     def __enter__(self) -> FileMap:
+        return self.take()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def take(self) -> FileMap:
+        """The map, held; raises MapUnavailable when it is revoked or not cached."""
         st = self.st
         with st.lock:
             if st.map is None or st.revoking:
@@ -122,7 +130,7 @@ class _Hold:
             st.users += 1
             return st.map
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         st = self.st
         with st.lock:
             st.users -= 1

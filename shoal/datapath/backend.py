@@ -161,7 +161,7 @@ class FileBackend(AsyncBackend):
             return False
         hold = access.maps.using(self.ino)
         try:
-            m = hold.__enter__()
+            m = hold.take()
         except MapUnavailable:
             return False  # not cached, or revoked: read() looks it up
         segs = m.segments(offset, length)
@@ -170,7 +170,7 @@ class FileBackend(AsyncBackend):
             if len(segs) == 1 and segs[0][1] is not None:
 
                 def landed(data: bytes | None, err: BaseException | None) -> None:
-                    hold.__exit__(None, None, None)
+                    hold.release()
                     if isinstance(err, PathFailed):  # the path is down now: read() redirects
                         _then(asyncio.ensure_future(self.read(offset, length)), done)
                     else:
@@ -180,7 +180,7 @@ class FileBackend(AsyncBackend):
             return started
         finally:
             if not started:
-                hold.__exit__(None, None, None)
+                hold.release()
 
     async def read(self, offset: int, length: int) -> bytes:
         try:

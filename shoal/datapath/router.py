@@ -23,13 +23,12 @@ from typing import cast
 from shoal.datapath.errors import PathFailed
 from shoal.datapath.lun import FAILURES, StoragePath
 from shoal.datapath.states import Counters
+from shoal.nbd.backend import ReadDone
 
 log = logging.getLogger(__name__)
 
 #: (kind, offset, length, payload) -> reply payload; kind is read|write|zero|flush
 Redirect = Callable[[str, int, int, bytes], Awaitable[bytes]]
-#: (data, None) or (None, error): how a read started from a callback ends
-ReadDone = Callable[[bytes | None, BaseException | None], None]
 
 
 class BlockRouter:

@@ -735,9 +735,7 @@ class Connection(asyncio.BufferedProtocol):
             self._opos = at + req.length
             if self._opos >= _FLUSH_EARLY:
                 self._flush_early()
-            if self._opos and not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._scheduled_flush)
+            self._schedule_flush()
             return
         if err is None:
             future.set_result(data)
@@ -794,10 +792,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._give_back(buf)  # else the transport may still read it
             if self._opos >= _FLUSH_EARLY:
                 self._flush_early()
-        if self._opos and not self._flush_scheduled:
-            # the replies completing in this loop iteration leave in one write
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
+        self._schedule_flush()
         if self.phase is Phase.DRAINING and not self._work and not backlog:
             self.close()
 
@@ -832,6 +827,13 @@ class Connection(asyncio.BufferedProtocol):
         ones; a transport already backed up gains nothing from it)."""
         if self.transport is not None and not self.transport.get_write_buffer_size():
             self._flush_out()
+
+    def _schedule_flush(self) -> None:
+        """What is buffered leaves at the end of this loop iteration, with the replies
+        that complete meanwhile, in one write."""
+        if self._opos and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

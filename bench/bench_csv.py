@@ -21,10 +21,13 @@
    error or a block that lost its last acknowledged write fails the run.
 
 Timed measures run ``--repeat`` times; the best run counts (least disturbed by other
-load). The lab has default timing (I/O timeout T = 1 s) and is always torn down.
+load). The lab has default timing (I/O timeout T = 1 s) and is always torn down. It
+lives in ``--dir``: by default /dev/shm when that is a tmpfs with room, so that the LUN
+and the peer's image are in RAM and the host disk's writeback (which stalls writers at
+random while gigabytes of dirty pages are flushed) stays out of both sides' figures.
 Exit status 1 means something broke, never that a goal was missed.
 
-    python bench/bench_csv.py [--repeat 2] [--size 1G] [--quick] [--only direct|redirected|alloc|move ...]
+    python bench/bench_csv.py [--repeat 2] [--size 1G] [--quick] [--only direct|redirected|alloc|move ...] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -487,6 +490,30 @@ def run(c: Cluster, args: argparse.Namespace, size: int) -> None:
         move_under_load(c, 3, 2.0 if args.quick else 3.0)
 
 
+def filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (as /proc/mounts says), or "?"."""
+    best, kind = "", "?"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    resolved = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")):
+            if len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
+
+
+def ram_dir(need: int) -> str | None:
+    """/dev/shm when it is a tmpfs with ``need`` bytes free; else None (the default)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and filesystem(shm) == "tmpfs" and shutil.disk_usage(shm).free >= need:
+        return str(shm)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2, help="runs per timed measure; the best counts")
@@ -494,6 +521,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     parser.add_argument("--only", action="append", choices=["direct", "redirected", "alloc", "move"],
                         help="run only this measure (repeatable; default: all four)")
+    parser.add_argument("--dir", type=Path, help="where the lab and the peer's image live "
+                        "(default: /dev/shm if it is a tmpfs with room, else the system's temporary directory)")
     args = parser.parse_args()
     size = parse_size(args.size)
     if args.quick and size > 256 * MiB:
@@ -509,7 +538,8 @@ def main() -> int:
     print(f"best of {args.repeat}, file {format_size(size)}, qemu-img bench -t none"
           + (", quick" if args.quick else ""))
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    work = Path(tempfile.mkdtemp(prefix="shoal-bench-csv-"))
+    work = Path(tempfile.mkdtemp(prefix="shoal-bench-csv-", dir=args.dir or ram_dir(6 * size)))
+    print(f"lab in {work} ({filesystem(work)})")
     lab = Lab(work / "lab")
     t0 = time.monotonic()
     c: Cluster | None = None

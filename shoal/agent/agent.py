@@ -53,7 +53,7 @@ from shoal.netft.heartbeatd import Peer, Setup
 from shoal.netft.links import LinkState
 from shoal.netft.protocol import derive_key
 from shoal.netft.routing import Metric, Route, assign_metrics, choose_route, failover_order
-from shoal.util.pipes import Piped
+from shoal.util.pipes import Piped, drain_pipe
 
 log = logging.getLogger("shoal.agent")
 
@@ -116,7 +116,8 @@ class NodeAgent:
         #: peer -> its liveness slot on a shared volume advances (None: not known)
         self.disk_alive: dict[str, bool] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
-        self.channel = ChannelServer(self.cfg.name, node, self.ch_key, self._peer_request)
+        self.channel = ChannelServer(self.cfg.name, node, self.ch_key, self._peer_request,
+                                     pipe_payload=volume_ops.pipe_payload)
         self.hb: asyncio.subprocess.Process | None = None
         self.priority = "?"
         self.started = time.monotonic()
@@ -377,6 +378,16 @@ class NodeAgent:
                 raise
         raise PeerUnreachable(f"{peer} did not answer on any network ({'; '.join(errors) or 'no route'}).")
 
+    def open_lane(self, peer: str, lane: int) -> Connection | None:
+        """The open connection of ``lane`` to ``peer`` on the network :meth:`call_peer`
+        would try first; None when that one is not open now."""
+        for net in failover_order(self.metrics, self._peer_up_map(peer)):
+            if net in self.blocked or self.peer_address(peer, net) is None:
+                continue
+            conn = self.conns.get((peer, net, lane))
+            return conn if conn is not None and not conn.closed else None
+        return None
+
     def _drop_conn(self, peer: str, net: str, conn: Connection | None, lane: int = 0) -> None:
         """Forget and close a pooled connection (only this one, not a newer replacement)."""
         if conn is None:
@@ -434,7 +445,7 @@ class NodeAgent:
                           self.me.addresses[net], self.cfg.rpc_port, net, err.strerror)
 
     async def _peer_request(
-        self, peer: str, op: str, args: dict[str, Any], payload: bytes
+        self, peer: str, op: str, args: dict[str, Any], payload: bytes | Piped
     ) -> tuple[Any, bytes | Piped]:
         if op == "hello":
             return {"node": self.name, "generation": self.cfg.generation}, b""
@@ -445,7 +456,7 @@ class NodeAgent:
                 await self._apply_networks(args, source=peer)
             return self._networks_msg(), b""
         if op == "ping":
-            return {"node": self.name}, payload
+            return {"node": self.name}, drain_pipe(payload) if isinstance(payload, Piped) else payload
         if op.startswith("csv."):
             return await volume_ops.peer_request(self, peer, op, args, payload)
         if op.startswith("vm."):

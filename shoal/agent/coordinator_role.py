@@ -41,7 +41,7 @@ from shoal.membership import NodeState
 from shoal.nbd.client import preempt
 from shoal.nbd.errors import FencingUnsupported, NBDError
 from shoal.netft.errors import NetftError
-from shoal.util.pipes import Piped
+from shoal.util.pipes import Piped, drain_pipe
 from shoal.volume.errors import DeviceError, VolumeError
 from shoal.volume.lease import FREE, CoordinatorLease, LeaseArea, SlotWatcher
 from shoal.volume.volume import Volume, VolumeFile
@@ -458,10 +458,12 @@ class CoordinatorRole:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def handle(self, peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+    async def handle(self, peer: str, op: str, args: dict[str, Any],
+                     payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
         """A request from ``peer`` (this node too). The answer's payload may wait in a
         pipe (a block read for another node: ``util.pipes``) only when ``peer`` is not
-        this node."""
+        this node; so may the request's (a large block write from another node: the
+        channel's ``pipe_payload``)."""
         if not (self.serving and self.accepting):
             return _not_coordinator(f"{self.me} is not serving {self.rt.name} now"), b""
         gen = int(args.get("gen", 0))
@@ -475,7 +477,7 @@ class CoordinatorRole:
             if op == "csv.io":
                 return await self._block_io(peer, args, payload)
             if op == "csv.fio":
-                return await self._file_io(args, payload)
+                return await self._file_io(args, drain_pipe(payload) if isinstance(payload, Piped) else payload)
             if op == "csv.confirm":
                 return {"fenced": False, "node": self.me, "epoch": self.epoch}, b""
             if op == "csv.vm":
@@ -494,9 +496,12 @@ class CoordinatorRole:
         inner = args.get("args")
         return await self.service.handle(peer, op, inner if isinstance(inner, dict) else {})
 
-    async def _block_io(self, peer: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+    async def _block_io(self, peer: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
         rt = self.rt
         kind, offset, length = str(args["kind"]), int(args["offset"]), int(args["length"])
+        if kind == "write" and len(payload) != length:
+            return {"error": "invalid-argument",
+                    "message": f"a block write of {length} bytes came with {len(payload)} bytes of data"}, b""
         failed_key = int(args.get("key", 0))
         if peer != self.me and failed_key:
             # whatever the node sent on its failed path must not land after this request
@@ -512,7 +517,10 @@ class CoordinatorRole:
             elif kind == "read":
                 data = await rt.path.read(offset, length, copy=False)  # goes straight into the reply
             elif kind == "write":
-                await rt.path.write(offset, payload)
+                if isinstance(payload, Piped):  # spliced on from the peer's socket to the target's
+                    await rt.path.write_piped(offset, payload)
+                else:
+                    await rt.path.write(offset, payload)
             elif kind == "zero":
                 await rt.path.write_zeroes(offset, length)
             elif kind == "flush":
@@ -525,6 +533,8 @@ class CoordinatorRole:
         rt.counters.served_bytes += length
         if isinstance(data, Piped):
             rt.counters.served_spliced += 1
+        elif isinstance(payload, Piped):
+            rt.counters.served_spliced_writes += 1
         return {}, data
 
     async def _file_io(self, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:

@@ -27,7 +27,7 @@ from shoal.agent.errors import AgentError
 from shoal.agent.volumes import LONG_LANE
 from shoal.datapath.states import Reason
 from shoal.netft.errors import NetftError, RemoteError
-from shoal.util.pipes import Piped
+from shoal.util.pipes import POOL, Piped
 from shoal.volume.defrag import defrag
 from shoal.volume.fsck import fsck_online
 from shoal.volume.lease import LeaseArea
@@ -72,8 +72,24 @@ def view(rt: VolumeRuntime) -> dict[str, Any]:
 
 # ---- between agents --------------------------------------------------------------------
 
+#: a redirected write at least this large reaches the coordinator in a pipe (below it,
+#: the splice system calls cost more than the copies they save)
+PIPED_WRITE_MIN = 128 << 10
+
+
+def pipe_payload(header: dict[str, Any], size: int) -> bool:
+    """Whether a request's payload is received into a pipe: a large redirected write,
+    which the coordinator splices on to the storage target without copying it
+    (CoordinatorRole._block_io; the channel falls back to a buffer when no pipe can
+    be had)."""
+    if header.get("op") != "csv.io" or not PIPED_WRITE_MIN <= size <= POOL.size:
+        return False
+    args = header.get("args")
+    return isinstance(args, dict) and args.get("kind") == "write"
+
+
 async def peer_request(agent: NodeAgent, peer: str, op: str, args: dict[str, Any],
-                       payload: bytes) -> tuple[Any, bytes | Piped]:
+                       payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
     rt = runtime(agent, args.get("volume"))
     if op in COORDINATOR_OPS:
         if rt.role is None:

@@ -48,11 +48,12 @@ from shoal.coordinator.errors import MetadataError
 from shoal.coordinator.maps import MapCache
 from shoal.datapath.backend import FileExports
 from shoal.datapath.device import LunDevice
-from shoal.datapath.errors import Fenced, NoCoordinator, PathFailed
+from shoal.datapath.errors import Fenced, NoCoordinator, PathFailed, RedirectAgain
 from shoal.datapath.lun import LunAddress, StoragePath, make_key
 from shoal.datapath.router import BlockRouter
 from shoal.datapath.states import Counters, Facts, Reason, StateLog, derive
 from shoal.membership import NodeState
+from shoal.nbd.backend import ReadDone
 from shoal.nbd.client import ClientSettings, NBDClient
 from shoal.nbd.errors import NBDError, NBDFenced
 from shoal.nbd.server import NBDServer
@@ -173,7 +174,8 @@ class VolumeRuntime:
         self.attempt = 1
         self._changed = asyncio.Event()
         self.router = BlockRouter(self.path, redirect=self._redirect, direct_allowed=self._direct_allowed,
-                                  on_path_failed=self._path_failed, counters=self.counters)
+                                  on_path_failed=self._path_failed, counters=self.counters,
+                                  start_redirected_read=self._start_redirected_read)
         self.maps = MapCache(self._meta_call)
         self.exports = FileExports(self)
         self.executor = ThreadPoolExecutor(6, thread_name_prefix=f"vol-{self.name}")
@@ -552,6 +554,37 @@ class VolumeRuntime:
         if isinstance(result, dict) and "error" in result:
             raise MetadataError(str(result.get("message")), code=str(result["error"]))
         return data
+
+    def _start_redirected_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        """A redirected read sent now, from a callback (no task): when the coordinator is
+        another node that answers, and a block lane to it is open and idle. ``done``
+        gets the data, or RedirectAgain for anything else (an error, a refusal, no
+        answer): the caller reads again the long way, which knows how to wait, retry
+        and be fenced. False, having sent nothing, when it cannot go now."""
+        coord = self.coordinator
+        if self.fenced or coord is None or coord == self.node or not self.coordinator_reachable:
+            return False
+        calls = self._lane_calls
+        i = calls.index(min(calls))
+        conn = self.agent.open_lane(coord, 1 + i)
+        if conn is None:
+            return False
+
+        def answered(result: Any, data: bytes | None, err: BaseException | None) -> None:
+            calls[i] -= 1
+            if err is None and isinstance(result, dict) and "error" not in result and data is not None \
+                    and len(data) == length:
+                done(data, None)
+            else:
+                done(None, RedirectAgain(f"redirected read at {offset}: {err or result}"))
+
+        args = {"kind": "read", "offset": offset, "length": length, "key": self.failed_key,
+                "volume": self.name, "gen": self.generation}
+        calls[i] += 1
+        if conn.start_call("csv.io", args, answered, self.agent.cfg.timing.rpc_call_timeout_s):
+            return True
+        calls[i] -= 1
+        return False
 
     # ---- the backend's view (datapath.backend.VolumeAccess) -------------------------------
 

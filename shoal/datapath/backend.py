@@ -36,7 +36,7 @@ from typing import Protocol
 
 from shoal.coordinator.errors import MapUnavailable, MetadataError
 from shoal.coordinator.maps import MapCache
-from shoal.datapath.errors import DataPathError, PathFailed
+from shoal.datapath.errors import DataPathError, PathFailed, RedirectAgain
 from shoal.datapath.router import BlockRouter
 from shoal.nbd.backend import AsyncBackend, ExportResolver, Extent, ReadDone
 from shoal.nbd.constants import STATE_HOLE, STATE_ZERO
@@ -171,7 +171,7 @@ class FileBackend(AsyncBackend):
 
                 def landed(data: bytes | None, err: BaseException | None) -> None:
                     hold.release()
-                    if isinstance(err, PathFailed):  # the path is down now: read() redirects
+                    if isinstance(err, (PathFailed, RedirectAgain)):  # read() redirects, waits, retries
                         _then(asyncio.ensure_future(self.read(offset, length)), done)
                     else:
                         done(data, err)

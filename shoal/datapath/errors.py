@@ -26,3 +26,8 @@ class Fenced(DataPathError):
 
 class NoCoordinator(DataPathError):
     pass
+
+
+class RedirectAgain(DataPathError):
+    """A read sent through the coordinator from a callback got no answer it could use:
+    read again the long way (which waits for a coordinator, retries, is fenced)."""

@@ -174,6 +174,11 @@ class StoragePath:
     async def write(self, offset: int, data: bytes, *, fua: bool = False, control: bool = False) -> None:
         await self._do("write", control, lambda c: c.write(offset, data, fua=fua))
 
+    async def write_piped(self, offset: int, payload: Piped) -> None:
+        """A write whose data waits in a pipe, spliced on to the target
+        (``NBDClient.write_piped``)."""
+        await self._do("write", False, lambda c: c.write_piped(offset, payload))
+
     async def write_zeroes(self, offset: int, length: int, *, control: bool = False) -> None:
         await self._do("write zeroes", control, lambda c: c.write_zeroes(offset, length))
 

@@ -29,14 +29,20 @@ log = logging.getLogger(__name__)
 
 #: (kind, offset, length, payload) -> reply payload; kind is read|write|zero|flush
 Redirect = Callable[[str, int, int, bytes], Awaitable[bytes]]
+#: (offset, length, done) -> started
+StartRead = Callable[[int, int, ReadDone], bool]
 
 
 class BlockRouter:
     def __init__(self, path: StoragePath, *, redirect: Redirect, direct_allowed: Callable[[], bool],
-                 on_path_failed: Callable[[str], None], counters: Counters, control: bool = False):
+                 on_path_failed: Callable[[str], None], counters: Counters, control: bool = False,
+                 start_redirected_read: StartRead | None = None):
         """``control``: use the path's control connection, not the data connections (the
-        liveness slot's writes must never queue behind bulk data)."""
+        liveness slot's writes must never queue behind bulk data).
+        ``start_redirected_read(offset, length, done)``: a redirected read sent from a
+        callback (False: it cannot go now); its failure is RedirectAgain."""
         self.path = path
+        self._start_redirected_read = start_redirected_read
         self.control = control
         self._redirect = redirect
         self._direct_allowed = direct_allowed
@@ -70,16 +76,30 @@ class BlockRouter:
         return data
 
     def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
-        """A direct read sent now, from a callback (no task; the 4 KiB read's fast path).
+        """A read sent now, from a callback (no task; the common read's fast path):
+        direct, or, when the node is redirected, through the coordinator.
 
         ``done(data, None)`` when it is back; ``done(None, err)`` when it failed. A path
         failure has then been handled as :meth:`read` handles it (path down, owner told)
-        and ``err`` is the PathFailed: the caller reads again with :meth:`read`, which
-        redirects. Returns False, having sent nothing, when the read is not direct now
-        or cannot leave at once."""
-        if self.control or not self.direct():
+        and ``err`` is the PathFailed; a redirected read that went wrong ends with
+        RedirectAgain: either way the caller reads again with :meth:`read`, which
+        redirects, waits or retries as needed. Returns False, having sent nothing, when
+        the read cannot leave at once."""
+        if self.control:
             return False
         counters = self.counters
+        if not self.direct():
+            start = self._start_redirected_read
+            if start is None:
+                return False
+
+            def redirected(data: bytes | None, err: BaseException | None) -> None:
+                if err is None:
+                    counters.redirected_requests += 1
+                    counters.redirected_bytes += length
+                done(data, err)
+
+            return start(offset, length, redirected)
 
         def landed(data: object, err: BaseException | None) -> None:
             if err is None:

@@ -71,6 +71,8 @@ class Counters:
     #: of those, reads whose data went from the target's socket to the node's through
     #: a pipe (splice: not copied by the coordinator)
     served_spliced: int = 0
+    #: and writes whose data went from the node's socket to the target's through a pipe
+    served_spliced_writes: int = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -65,7 +65,7 @@ from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_ke
 from shoal.nbd.replies import LARGE_READ, ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import POOL, FdWaiter, Piped, unread
+from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_head, unread
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -252,11 +252,12 @@ class _Link(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.writable.set()  # wake writers; they find the transport closing
         self._end_splice()
-        if self._waiter is not None:
-            self._waiter.close()
         err = NBDConnectionError(
             f"connection to the NBD server was lost{f': {exc}' if exc else ''}"
         )
+        if self._waiter is not None:
+            self._waiter.fail(err)  # a write splicing its data waits no longer
+            self._waiter.close()
         if not self.handshake_done.done():
             self.handshake_done.set_exception(err)
         self.client._connection_failed(self, err)
@@ -452,6 +453,8 @@ class NBDClient:
         #: piped reads whose data was spliced, and those whose pipe filled up first
         self.spliced = 0
         self.splice_refills = 0
+        #: writes whose data was spliced from a pipe (write_piped)
+        self.spliced_writes = 0
         self._cookies = itertools.count(1)
         self._in_flight = 0
         self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -652,6 +655,19 @@ class NBDClient:
     ) -> None:
         await self._request(Cmd.WRITE, CmdFlag.FUA if fua else 0, offset, len(data), data)
 
+    async def write_piped(self, offset: int, payload: Piped, *, fua: bool = False) -> None:
+        """A write whose data waits in a pipe (a block passing through the coordinator):
+        the request header, then the data spliced from the pipe to the socket, with no
+        copy in this process. The pipe goes back to the pool once all of it has gone;
+        if the write fails first, the caller's ``release`` closes it. Over a unix socket
+        the data is read out of the pipe and written as :meth:`write` does."""
+        flags = CmdFlag.FUA if fua else 0
+        if not self._fd_ok():
+            await self._request(Cmd.WRITE, flags, offset, len(payload), drain_pipe(payload))
+            return
+        await self._request(Cmd.WRITE, flags, offset, len(payload), piped=payload)
+        self.spliced_writes += 1
+
     async def flush(self) -> None:
         await self._request(Cmd.FLUSH, 0, 0, 0)
 
@@ -689,10 +705,11 @@ class NBDClient:
         payload: bytes | bytearray | memoryview = b"",
         *,
         pipe: _PipeHold | None = None,
+        piped: Piped | None = None,
     ) -> object:
         # no asyncio.timeout per request (it costs a tenth of a small read): the
         # watchdog below aborts the connection when the oldest request is too old
-        return await self._submit(cmd, flags, offset, length, payload, pipe)
+        return await self._submit(cmd, flags, offset, length, payload, pipe, piped)
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
@@ -723,7 +740,10 @@ class NBDClient:
         length: int,
         payload: bytes | bytearray | memoryview,
         pipe: _PipeHold | None = None,
+        piped: Piped | None = None,
     ) -> object:
+        """``pipe``: a pipe a read's data may be spliced into; ``piped``: a write's data,
+        waiting in a pipe (``payload`` is then empty)."""
         if self._link is None:
             raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
         if self._closing:
@@ -745,7 +765,18 @@ class NBDClient:
                 raise self._failure or NBDConnectionError(f"not connected to {self._where()}")
             cookie, fut = self._expect(link, cmd, offset, length, pipe)
             header = wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-            if len(payload) <= _CORK_MAX and not link.write_lock.locked():
+            if piped is not None:
+                try:
+                    await _splice_request(link, header, piped)
+                except Exception:
+                    # a stream cut off mid-payload is unusable; the request fails with
+                    # what ended it (a timeout, a lost connection), which abort() gave it
+                    if self._link is link or not fut.done():
+                        self.abort("a write was cut off while its data was spliced")
+                except BaseException:
+                    self.abort("a write was cancelled while its data was spliced")
+                    raise
+            elif len(payload) <= _CORK_MAX and not link.write_lock.locked():
                 # queued without yielding: cannot interleave with another request
                 link.send_small(header, payload)
             elif len(payload) <= _PIECE and not link.write_lock.locked():
@@ -933,6 +964,29 @@ async def _write_in_pieces(
             if transport.is_closing():
                 return  # aborted: the request's future carries the error
             transport.write(view[pos : pos + _PIECE])
+
+
+async def _splice_request(link: _Link, header: bytes, payload: Piped) -> None:
+    """Write one request whose payload waits in a pipe: the header through the
+    transport, then, once the transport has sent everything it holds, the payload
+    spliced from the pipe straight to the socket."""
+    async with link.write_lock:
+        transport, waiter = link.transport, link._waiter
+        if transport is None or waiter is None or transport.is_closing():
+            raise NBDConnectionError("the connection to the NBD server is closed")
+        link.uncork()
+        await send_head(transport, waiter, header)
+        left = len(payload)
+        while left:
+            try:
+                n = os.splice(payload.r, link._fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                await waiter.writable()
+                continue
+            if n == 0:
+                raise NBDConnectionError("a write's pipe ran dry before its data was sent")
+            left -= n
+    payload.release(emptied=True)
 
 
 def _abort_link(link: _Link | None) -> None:

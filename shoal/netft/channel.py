@@ -15,7 +15,9 @@ Layers, bottom up:
   that does not end inside it gets a ``bytearray`` of its own that the kernel
   fills in place, and that bytearray is the payload the reader gets: a 1 MiB
   redirected block costs at most one copy of the part that arrived with its
-  header, not a copy of the whole block per layer.
+  header, not a copy of the whole block per layer. A payload its ``wants_pipe``
+  chooses is not received at all: parsing stops there (``pipe_due``) for the
+  stream to splice it into a pipe.
 - :class:`FrameStream`, an :class:`asyncio.BufferedProtocol`, is the thin
   adapter: ``read_frame()`` waits for the next frame; ``write_frame()`` then
   ``drain()`` sends one, waiting while the transport is over its high-water
@@ -26,12 +28,15 @@ Layers, bottom up:
   "peer closed the connection", after the frames that arrived before it), a
   frame over the size limits (``RemoteProtocolError``; the connection is
   closed) or our own ``close()`` end the stream; a waiting reader or writer
-  gets that error at once.
+  gets that error at once. A payload due for a pipe is spliced from the socket
+  with reading paused (``_pipe_in``); when the pipe fills up before it has all
+  come, what it holds is read back and the rest is received into a buffer.
 - :class:`ChannelServer` and :class:`Connection`: the handshake and the
   request/answer loop.
 
 Payloads handed to the handler and returned by ``call`` are ``bytes`` or, when
-received in place, a ``bytearray``. Payloads we send go to the transport as they
+received in place, a ``bytearray``; or, for the requests a server's
+``pipe_payload`` chooses, a ``Piped`` (released by the server after the handler). Payloads we send go to the transport as they
 are, with their frame's head in the same send (``util.transports``); uvloop keeps
 a view of what it could not send yet, so a caller must not change a payload after
 passing it here.
@@ -47,6 +52,7 @@ import collections
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from shoal.netft.errors import (
@@ -66,7 +72,7 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import FdWaiter, Piped
+from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_head, unread
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -86,10 +92,26 @@ _SEND_AS_IS = 64 << 10
 #: (handshake frames are a small JSON header; no stranger makes us allocate more)
 HANDSHAKE_FRAME_MAX = 4096
 
-Frame = tuple[dict[str, Any], bytes]
-#: a handler answers with a result and a payload: bytes, or data waiting in a pipe
-#: (``util.pipes.Piped``), which is spliced to the socket and released
-Handler = Callable[[str, str, dict[str, Any], bytes], Awaitable[tuple[Any, "bytes | Piped"]]]
+#: a frame's header and payload: bytes (a bytearray when received in place), or, for a
+#: stream whose receiver ``wants_pipe`` it, the payload waiting in a pipe
+Frame = tuple[dict[str, Any], "bytes | Piped"]
+#: a handler is given a request's payload (bytes, or a pipe as its server's
+#: ``pipe_payload`` chose; the server releases it after the handler returned, so a
+#: handler that splices all of it out releases it itself, as emptied) and answers with
+#: a result and a payload: bytes, or data waiting in a pipe, which is spliced to the
+#: socket and released
+Handler = Callable[[str, str, dict[str, Any], "bytes | Piped"], Awaitable[tuple[Any, "bytes | Piped"]]]
+
+
+@dataclass(slots=True)
+class PipeDue:
+    """A frame whose payload is to go into a pipe: its header, and the start of the
+    payload that arrived with it."""
+
+    header: dict[str, Any]
+    hlen: int
+    plen: int
+    arrived: bytes
 
 
 class FrameReceiver:
@@ -126,6 +148,12 @@ class FrameReceiver:
         self.queued_bytes = 0
         #: a lower limit than the protocol's for a frame's header + payload (the handshake's)
         self.max_frame: int | None = None
+        #: says, from a frame's header and payload size, whether the payload should go
+        #: into a pipe instead of a buffer (None: never). When it does, parsing stops at
+        #: the payload with ``pipe_due`` set, and whoever reads the socket moves the
+        #: payload into a pipe and ends it with :meth:`piped` or :meth:`not_piped`.
+        self.wants_pipe: Callable[[dict[str, Any], int], bool] | None = None
+        self.pipe_due: PipeDue | None = None
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes go (never empty)."""
@@ -141,6 +169,7 @@ class FrameReceiver:
         return self._rxv[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self.pipe_due is None, "bytes received while a payload waits to go into a pipe"
         if self._part is None:
             self._end += nbytes
             self._parse()
@@ -169,25 +198,50 @@ class FrameReceiver:
             pstart = hstart + hlen
             if pstart > self._end:
                 if FRAME_HEADER_SIZE + hlen > len(self._rx):
-                    self._part_header, self._part_hlen, self._part_plen = None, hlen, plen
-                    self._begin_part(hlen, hstart)
+                    self._part_plen = plen
+                    arrived = bytes(rx[hstart : self._end])
+                    self._start = self._end
+                    self._begin_part(None, hlen, hlen, arrived)
                 return  # else the header arrives in the scratch buffer
             header = decode_header(bytes(rx[hstart:pstart]))
             if pstart + plen > self._end:
-                self._part_header, self._part_hlen = header, hlen
-                self._begin_part(plen, pstart)
+                arrived = bytes(rx[pstart : self._end])
+                self._start = self._end
+                if self.wants_pipe is not None and self.wants_pipe(header, plen):
+                    self.pipe_due = PipeDue(header, hlen, plen, arrived)
+                else:
+                    self._begin_part(header, hlen, plen, arrived)
                 return
             self._start = pstart + plen
             self._emit(header, bytes(rx[pstart : self._start]) if plen else b"", hlen)
 
-    def _begin_part(self, size: int, start: int) -> None:
-        """Receive the next ``size`` bytes in place; those from ``start`` to the end of
-        the scratch buffer's data have arrived already (fewer than ``size``)."""
+    def _begin_part(self, header: dict[str, Any] | None, hlen: int, size: int, arrived: bytes | bytearray) -> None:
+        """Receive the next ``size`` bytes in place, ``arrived`` (fewer) being their
+        start: the payload of the frame whose header is ``header``, or (None) a header
+        too large for the scratch buffer."""
         part = unzeroed(size)  # every byte is received before the frame is emitted
-        arrived = self._end - start
-        part[:arrived] = self._rxv[start : self._end]
-        self._start = self._end
-        self._part, self._partv, self._filled = part, memoryview(part), arrived
+        part[: len(arrived)] = arrived
+        self._part_header, self._part_hlen = header, hlen
+        self._part, self._partv, self._filled = part, memoryview(part), len(arrived)
+
+    def piped(self, payload: object) -> None:
+        """The payload ``pipe_due`` announced is in a pipe (``payload``): the frame is
+        complete; parsing goes on."""
+        due = self.pipe_due
+        assert due is not None
+        self.pipe_due = None
+        self._emit(due.header, cast(bytes, payload), due.hlen)
+
+    def not_piped(self, arrived: bytes | bytearray) -> None:
+        """The payload ``pipe_due`` announced goes into a buffer after all; ``arrived``
+        is its start, as far as it has come."""
+        due = self.pipe_due
+        assert due is not None
+        self.pipe_due = None
+        if len(arrived) == due.plen:
+            self._emit(due.header, bytes(arrived), due.hlen)
+        else:
+            self._begin_part(due.header, due.hlen, due.plen, arrived)
 
     def _part_done(self) -> None:
         part = self._part
@@ -198,8 +252,7 @@ class FrameReceiver:
         if header is None:  # it was a large header
             header = decode_header(bytes(part))
             if self._part_plen:
-                self._part_header = header
-                self._begin_part(self._part_plen, self._end)
+                self._begin_part(header, self._part_hlen, self._part_plen, b"")
             else:
                 self._emit(header, b"", self._part_hlen)
             return
@@ -226,8 +279,13 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writer: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
-        self._waiter: FdWaiter | None = None  # for spliced payloads (write_piped)
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter: FdWaiter | None = None  # for spliced payloads (write_piped, _pipe_in)
+        self._piping: _PipeIn | None = None  # a payload on its way from the socket into a pipe
+        self.loop = asyncio.get_running_loop()  # (looked up once: it costs a getpid())
+        self._lost: asyncio.Future[None] = self.loop.create_future()
+        #: takes the next frame from the receive callback instead of a reader (set by
+        #: Connection.start_call); called with the error instead if the stream ends first
+        self.on_frame: Callable[[Frame | None, Exception | None], None] | None = None
 
     # --- asyncio callbacks -------------------------------------------------
 
@@ -247,7 +305,18 @@ class FrameStream(asyncio.BufferedProtocol):
             self._fail(err)
             self._close_transport()
             return
+        if receiver.pipe_due is not None:
+            self._pipe_in()
+        self._frames_arrived()
+
+    def _frames_arrived(self) -> None:
+        receiver = self.receiver
         if receiver.has_frames():
+            take = self.on_frame
+            if take is not None:
+                self.on_frame = None
+                take(receiver.pop(), None)
+                return
             _wake(self._reader)
             if receiver.queued_bytes > QUEUE_LIMIT and not self._reading_paused and self.transport:
                 self._reading_paused = True
@@ -261,6 +330,7 @@ class FrameStream(asyncio.BufferedProtocol):
         err = ConnectionResetError("peer closed the connection")
         err.__cause__ = exc
         self._fail(err)
+        self._drop_pipe_in()
         if self._waiter is not None:
             self._waiter.close()
         if not self._lost.done():
@@ -335,6 +405,7 @@ class FrameStream(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close the connection (after what we wrote is sent); waiters get ConnectionResetError."""
         self._fail(ConnectionResetError("the connection was closed"))
+        self._drop_pipe_in()
         self._close_transport()
 
     async def wait_closed(self) -> None:
@@ -344,18 +415,120 @@ class FrameStream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _fd_waiter(self, transport: asyncio.Transport) -> FdWaiter | None:
+        if self._waiter is None:
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return None
+            self._waiter = FdWaiter(sock.fileno())
+        return self._waiter
+
+    # --- a payload received into a pipe (FrameReceiver.wants_pipe) ---------------
+
+    def _pipe_in(self) -> None:
+        """Move the payload the receiver announced from the socket into a pipe with
+        splice(2), reading paused meanwhile; or, with no pipe to be had, let the
+        receiver take it into a buffer as usual."""
+        receiver, transport = self.receiver, self.transport
+        due = receiver.pipe_due
+        assert due is not None
+        waiter = self._fd_waiter(transport) if transport is not None else None
+        fds = POOL.take() if waiter is not None and due.plen <= POOL.size else None
+        try:  # what arrived with the header first (less than the scratch buffer), into an empty pipe
+            ok = fds is not None and (not due.arrived or os.write(fds[1], due.arrived) == len(due.arrived))
+        except OSError:
+            ok = False
+        if not ok or transport is None or waiter is None:
+            if fds is not None:
+                POOL.give(fds, emptied=False)
+            receiver.not_piped(due.arrived)
+            return
+        assert fds is not None
+        self._piping = _PipeIn(fds, due.plen, due.plen - len(due.arrived))
+        transport.pause_reading()
+        self._pipe_more()
+
+    def _pipe_more(self) -> None:
+        p, waiter = self._piping, self._waiter
+        if p is None or waiter is None:
+            return
+        stuck = False
+        while p.left:
+            try:
+                n = os.splice(waiter.fd, p.fds[1], p.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if unread(waiter.fd):
+                    if not stuck:  # it may have arrived since: once more
+                        stuck = True
+                        continue
+                    self._pipe_full(p)  # the data is there but the pipe takes no more
+                    return
+                if not p.watching:
+                    p.watching = True
+                    waiter.when_readable(self._pipe_more)
+                return
+            except OSError as err:
+                self._pipe_broken(f"the connection failed in the middle of a frame: {err}")
+                return
+            if n == 0:
+                self._pipe_broken("peer closed the connection in the middle of a frame")
+                return
+            p.left -= n
+            stuck = False
+        self._end_pipe_in()
+        self.receiver.piped(Piped(POOL, p.fds, p.plen))
+        self._pipe_done()
+
+    def _pipe_full(self, p: _PipeIn) -> None:
+        """Back to receiving into a buffer: what is in the pipe goes there first."""
+        self._end_pipe_in()
+        have = p.plen - p.left
+        buf = bytearray(have)
+        view, pos = memoryview(buf), 0
+        try:
+            while pos < have:
+                pos += os.readv(p.fds[0], [view[pos:]])
+        except OSError as err:
+            POOL.give(p.fds, emptied=False)
+            self._pipe_broken(f"could not read back a payload from its pipe: {err}")
+            return
+        POOL.give(p.fds, emptied=True)
+        self.receiver.not_piped(buf)
+        self._pipe_done()
+
+    def _pipe_broken(self, why: str) -> None:
+        self._drop_pipe_in()
+        self._fail(ConnectionResetError(why))
+        self._close_transport()
+
+    def _pipe_done(self) -> None:
+        self._frames_arrived()
+        if self.transport is not None and not self.transport.is_closing() and not self._reading_paused:
+            self.transport.resume_reading()
+
+    def _end_pipe_in(self) -> None:
+        p, self._piping = self._piping, None
+        if p is not None and p.watching and self._waiter is not None:
+            self._waiter.stop_reading()
+
+    def _drop_pipe_in(self) -> None:
+        p = self._piping
+        self._end_pipe_in()
+        if p is not None:
+            POOL.give(p.fds, emptied=False)
+
+    # --- a payload sent from a pipe ----------------------------------------------
+
     async def write_piped(self, header: dict[str, Any], payload: Piped) -> None:
         """Send one frame whose payload waits in a pipe: the head through the
         transport, then the payload spliced from the pipe to the socket (no copy).
         The caller still owns ``payload`` (and releases it); no other frame may be
         written until this returns."""
         transport = self._open_transport()
-        if self._waiter is None:
-            self._waiter = FdWaiter(transport.get_extra_info("socket").fileno())
-        waiter = self._waiter
-        transport.write(encode_frame_head(header, len(payload)))
-        while transport.get_write_buffer_size():  # the head first, all of it
-            await waiter.writable()
+        waiter = self._fd_waiter(transport)
+        if waiter is None:
+            raise ConnectionResetError("the connection has no socket to splice to")
+        await send_head(transport, waiter, encode_frame_head(header, len(payload)))
         left = len(payload)
         while left:
             if self._error is not None:
@@ -372,10 +545,34 @@ class FrameStream(asyncio.BufferedProtocol):
     def _fail(self, err: Exception) -> None:
         if self._error is None:
             self._error = err
+        take, self.on_frame = self.on_frame, None
+        if take is not None:
+            self.loop.call_soon(take, None, self._error)
         _wake(self._reader)
         _wake(self._writer)
         if self._waiter is not None:
             self._waiter.fail(err)
+
+
+#: where Connection.start_call's answer goes: (result, payload, None) or (None, None, error)
+Answered = Callable[[Any, "bytes | None", "BaseException | None"], None]
+
+
+def _answer(then: Answered, result: Any, data: bytes | None, err: BaseException | None) -> None:
+    try:
+        then(result, data, err)
+    except Exception:  # a bug in the callback: the stream goes on
+        log.exception("a callback for an answer failed")
+
+
+@dataclass(slots=True)
+class _PipeIn:
+    """A payload on its way from the socket into a pipe."""
+
+    fds: tuple[int, int]
+    plen: int
+    left: int  # bytes still to splice
+    watching: bool = False  # waiting for the socket to be readable
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -386,11 +583,15 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 class ChannelServer:
     """Accepts agents that prove they hold the cluster secret; refuses and logs others."""
 
-    def __init__(self, cluster: str, node: str, key: bytes, handler: Handler):
+    def __init__(self, cluster: str, node: str, key: bytes, handler: Handler,
+                 pipe_payload: Callable[[dict[str, Any], int], bool] | None = None):
+        """``pipe_payload(header, size)``: whether a request's payload is received into a
+        pipe for the handler to splice on (``FrameReceiver.wants_pipe``)."""
         self.cluster = cluster
         self.node = node
         self.key = key
         self.handler = handler
+        self.pipe_payload = pipe_payload
         self.servers: dict[str, asyncio.Server] = {}
         self.refusals = 0
         self._tasks: set[asyncio.Task[None]] = set()  # one per connection
@@ -423,6 +624,7 @@ class ChannelServer:
             if peer is None:
                 return
             stream.receiver.max_frame = None
+            stream.receiver.wants_pipe = self.pipe_payload
             while True:
                 header, payload = await stream.read_frame()
                 result_payload: bytes | Piped = b""
@@ -436,6 +638,9 @@ class ChannelServer:
                 except Exception as err:  # a bug on our side: tell the peer, keep serving
                     log.exception("request %s from %s failed", header.get("op"), peer)
                     answer = {"id": header.get("id"), "ok": False, "error": f"internal error: {err}"}
+                finally:
+                    if isinstance(payload, Piped):
+                        payload.release(emptied=False)  # unless the handler did, emptied
                 if isinstance(result_payload, Piped):
                     await self._write_piped(stream, answer, result_payload)
                 else:
@@ -495,6 +700,8 @@ class Connection:
         self.lock = asyncio.Lock()
         self.next_id = 0
         self.broken = False
+        #: done when the call start_call sent has its answer (call() waits for it)
+        self._started: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(
@@ -544,6 +751,8 @@ class Connection:
         connection is marked broken and closed, and the caller must open a new one.
         """
         async with self.lock:
+            while self._started is not None:  # a call from start_call is out
+                await asyncio.shield(self._started)
             if self.closed:
                 raise ConnectionResetError(f"connection to {self.peer} is closed")
             self.next_id += 1
@@ -557,9 +766,66 @@ class Connection:
             except BaseException:
                 self.close()
                 raise
+        if isinstance(data, Piped):  # (our receiver wants no pipes: never)
+            data = drain_pipe(data)
         if not header.get("ok"):
             raise RemoteError(f"{self.peer}: {header.get('error')}")
         return header.get("result"), data
+
+    def start_call(self, op: str, args: dict[str, Any], then: Answered, timeout_s: float) -> bool:
+        """Send a request now, from a callback: no task, nothing awaited (a redirected
+        read's fast path). Its answer goes to ``then(result, payload, None)`` from the
+        receive callback; ``then(None, None, err)`` gets a RemoteError for a refusal, or
+        what ended the call: the connection lost (soon after, from the loop), no answer
+        within ``timeout_s`` (TimeoutError) or a protocol violation; the connection is
+        then closed. False, having sent nothing, when the connection is closed or busy
+        (a call running or waiting for it): the caller uses :meth:`call`."""
+        stream = self.stream
+        if self.closed or self.lock.locked() or self._started is not None or stream.receiver.has_frames():
+            return False
+        self.next_id += 1
+        rid = self.next_id
+        loop = stream.loop
+        started = self._started = loop.create_future()
+
+        def end() -> None:
+            self._started = None
+            started.set_result(None)
+
+        def answered(frame: Frame | None, err: Exception | None) -> None:
+            timer.cancel()
+            end()
+            if frame is not None and frame[0].get("id") != rid:
+                err = RemoteProtocolError(f"{self.peer} answered request {frame[0].get('id')}, not {rid}")
+            if err is not None or frame is None:
+                self.close()
+                _answer(then, None, None, err or ConnectionResetError("no answer"))
+                return
+            header, data = frame
+            if isinstance(data, Piped):  # (our receiver wants no pipes: never)
+                data = drain_pipe(data)
+            if not header.get("ok"):
+                _answer(then, None, None, RemoteError(f"{self.peer}: {header.get('error')}"))
+            else:
+                _answer(then, header.get("result"), data, None)
+
+        def expired() -> None:
+            if stream.on_frame is answered:
+                stream.on_frame = None
+                end()
+                self.close()
+                _answer(then, None, None, TimeoutError(f"{self.peer} did not answer {op} within {timeout_s:g} s"))
+
+        timer = loop.call_later(timeout_s, expired)
+        stream.on_frame = answered
+        try:
+            stream.write_frame({"id": rid, "op": op, "args": args})
+        except (OSError, RemoteProtocolError):  # ended meanwhile: nothing was sent
+            timer.cancel()
+            stream.on_frame = None
+            end()
+            return False
+        return True
 
     def close(self) -> None:
         self.broken = True

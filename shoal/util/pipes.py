@@ -1,10 +1,11 @@
 """Data parked in a pipe between two sockets, moved with splice(2): no copy in user space.
 
-A redirected 1 MiB read passes through the coordinator: from the storage target's
-socket to the requesting node's channel socket. Received into a buffer and sent from
-it, it is copied twice by the kernel on the way (recv, send). Spliced, the kernel
-moves references to the socket buffers' pages into a pipe and out again to the other
-socket: the coordinator copies nothing (docs/ARCHITECTURE.md, "Copies on the way").
+A redirected 1 MiB block passes through the coordinator: a read from the storage
+target's socket to the requesting node's channel socket, a write the other way.
+Received into a buffer and sent from it, it is copied twice by the kernel on the way
+(recv, send). Spliced, the kernel moves references to the socket buffers' pages into
+a pipe and out again to the other socket: the coordinator copies nothing
+(docs/ARCHITECTURE.md, "Copies on the way").
 
 - :class:`PipePool` hands out pipes of ``PIPE_SIZE`` bytes and takes back empty ones
   (a pipe with bytes left in it is closed, never reused).
@@ -13,6 +14,9 @@ socket: the coordinator copies nothing (docs/ARCHITECTURE.md, "Copies on the way
 - :class:`FdWaiter` waits until a transport's socket is readable or writable. The
   event loop refuses to watch a descriptor a transport owns, so it watches a
   duplicate (same socket), made on first use and closed with ``close``.
+- :func:`send_head` sends the header that goes before spliced data, in the same
+  segment as the data's start where it can.
+- :func:`drain_pipe` reads a payload out of its pipe, for a consumer that cannot splice.
 - :func:`unread` is how many bytes a socket has received that nobody has read yet.
 """
 
@@ -25,6 +29,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from typing import cast
 
 #: F_SETPIPE_SZ (fcntl.F_SETPIPE_SZ from Python 3.10 on Linux; spelled out for mypy)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -96,6 +101,43 @@ class PipePool:
 
 #: the process's pool (the event loop thread uses it; pipes are not tied to a loop)
 POOL = PipePool()
+
+
+async def send_head(transport: asyncio.WriteTransport, waiter: FdWaiter, head: bytes) -> None:
+    """Send ``head`` ahead of data (at least a byte: MSG_MORE holds the head back until
+    more comes) about to be spliced to the same socket, and return
+    once it has gone. When the transport holds nothing unsent, straight on the socket
+    with MSG_MORE: the kernel sends it with the start of the data, in one segment (one
+    wakeup of the peer, not two); else, and for what the socket did not take, through
+    the transport, waiting until it has sent everything."""
+    sent = 0
+    if not transport.get_write_buffer_size():
+        try:
+            sent = waiter.sock.send(head, socket.MSG_MORE)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+    if sent < len(head):
+        transport.write(head[sent:])
+    while transport.get_write_buffer_size():
+        await waiter.writable()
+
+
+def drain_pipe(payload: Piped) -> bytes:
+    """All of ``payload``'s bytes, read out of its pipe (which is then released): for a
+    consumer that cannot splice. OSError if the pipe holds fewer than it should."""
+    buf = bytearray(len(payload))
+    view, pos = memoryview(buf), 0
+    try:
+        while pos < len(buf):
+            n = os.readv(payload.r, [view[pos:]])
+            if n <= 0:
+                raise OSError(f"a pipe held {pos} bytes, not {len(buf)}")
+            pos += n
+    except BlockingIOError:
+        raise OSError(f"a pipe held {pos} bytes, not {len(buf)}") from None
+    finally:
+        payload.release(emptied=pos == len(buf))
+    return cast(bytes, buf)  # a bytearray reads like bytes to every user of a payload
 
 
 def unread(fd: int) -> int:

@@ -3,7 +3,9 @@ path (registered NBD connections to a real NBD server over TCP) under a file bac
 whose map is cached, as in the agent. What must hold: the data is right and counted as
 direct; the file's map stays held until the data is back (a revocation waits for it);
 a path that fails under reads in flight takes the path down and the reads end through
-the redirect, with the data still right."""
+the redirect, with the data still right; a redirected node's reads go to the
+coordinator from the callback too, and one that goes wrong there is read again the
+long way."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import pytest
 
 from shoal.coordinator.maps import MapCache
 from shoal.datapath.backend import FileBackend as VolumeFileBackend
+from shoal.datapath.errors import RedirectAgain
 from shoal.datapath.lun import LunAddress, StoragePath
-from shoal.datapath.router import BlockRouter
+from shoal.datapath.router import BlockRouter, StartRead
 from shoal.datapath.states import Counters
-from shoal.nbd.backend import FileBackend
+from shoal.nbd.backend import FileBackend, ReadDone
 from tests.integration.nbd_helpers import BackgroundServer, serving, short_dir
 
 MiB = 1 << 20
@@ -98,14 +101,15 @@ class Node:
     """A storage path, a router whose redirect reads the LUN image itself (standing in
     for the coordinator), and the file backend of file INO."""
 
-    def __init__(self, port: int, image: str):
+    def __init__(self, port: int, image: str, start_redirected_read: StartRead | None = None):
         self.image = image
         self.path = StoragePath(LunAddress("127.0.0.1", port, "lun0"), "node2", io_timeout_s=IO_TIMEOUT_S)
         self.counters = Counters()
         self.failures: list[str] = []
         self.redirected: list[tuple[str, int, int]] = []
         self.router = BlockRouter(self.path, redirect=self._redirect, direct_allowed=lambda: True,
-                                  on_path_failed=self.failures.append, counters=self.counters)
+                                  on_path_failed=self.failures.append, counters=self.counters,
+                                  start_redirected_read=start_redirected_read)
         self.access = Access(self.router)
         self.file = VolumeFileBackend(self.access, INO, "/f.raw", FILE_SIZE)
 
@@ -226,5 +230,45 @@ def test_a_path_that_fails_under_reads_redirects_them(lun: tuple[BackgroundServe
         finally:
             backend.gate.set()
             await node.path.close()
+
+    run(main())
+
+
+def test_a_redirected_nodes_reads_start_from_the_callback_and_fall_back_the_long_way(
+    lun: tuple[BackgroundServer, GatedReads, str],
+) -> None:
+    srv, _, image = lun
+    started: list[int] = []
+    refuse_at = {MiB}  # the coordinator "refuses" these (RedirectAgain)
+    busy = False  # no lane free: nothing starts
+
+    def start(offset: int, length: int, done: ReadDone) -> bool:
+        if busy:
+            return False
+        started.append(offset)
+        loop = asyncio.get_running_loop()
+        if offset - 4 * MiB in refuse_at:
+            loop.call_soon(done, None, RedirectAgain("refused"))
+        else:
+            loop.call_soon(done, pattern(offset, length), None)
+        return True
+
+    async def main() -> None:
+        nonlocal busy
+        node = Node(srv.port, image, start_redirected_read=start)
+        # the path is not open: the node is redirected
+        offsets = [0, 4096, MiB, MiB + 65536]
+        got = await asyncio.gather(*(node.read_now(off, 65536) for off in offsets))
+        assert got == [pattern(4 * MiB + off, 65536) for off in offsets]
+        assert started == [4 * MiB + off for off in offsets], "every read started from the callback"
+        # the refused one was read again the long way, once
+        assert node.redirected == [("read", 5 * MiB, 65536)]
+        assert node.counters.redirected_requests == len(offsets)
+        assert node.counters.redirected_bytes == len(offsets) * 65536
+        assert node.counters.direct_requests == 0
+        assert node.access.maps._state(INO).users == 0, "a map hold outlived its read"
+        busy = True
+        assert not node.file.read_now(0, 4096, lambda d, e: None)
+        assert node.access.maps._state(INO).users == 0
 
     run(main())

@@ -1,7 +1,10 @@
 """NBDClient.read_piped: a large read's data spliced into a pipe, against our server and
 qemu-nbd over TCP, on both event loops: the exact bytes every time; a reply in pieces
 or with holes, and a pipe that fills up, come back in the buffer instead; a read cut
-off mid-splice or abandoned by its caller leaks no pipe and leaves none dirty."""
+off mid-splice or abandoned by its caller leaks no pipe and leaves none dirty.
+NBDClient.write_piped: a write's data spliced from a pipe to the socket lands exactly,
+between other requests on the same connection (over a unix socket it is read out of
+the pipe instead); one cut off mid-splice fails and leaves its pipe to the caller."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -297,3 +301,159 @@ def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
     assert pool_is_clean()
     assert len(pipes) == 2
     assert_no_pipe_leaked(pipes)
+
+
+# -- writes whose data waits in a pipe (NBDClient.write_piped) -------------------------
+
+
+def in_pipe(data: bytes) -> Piped:
+    """``data`` in a pipe of the pool, as the channel leaves a redirected block."""
+    fds = POOL.take()
+    assert fds is not None, "this machine gives no pipe of a MiB"
+    view, pos = memoryview(data), 0
+    while pos < len(data):
+        pos += os.write(fds[1], view[pos:])
+    return Piped(POOL, fds, len(data))
+
+
+@pytest.fixture
+def blank() -> Iterator[tuple[str, BackgroundServer, BackgroundServer]]:
+    """A zeroed image served over TCP and over a unix socket: (image, tcp, unix)."""
+    with short_dir() as d:
+        image = os.path.join(d, "w.raw")
+        with open(image, "wb") as f:
+            f.truncate(SIZE)
+        backend = FileBackend(image)
+        with serving({"disk": backend}, os.path.join(d, "t"), tcp=True) as tcp, \
+                serving({"disk": backend}, os.path.join(d, "u")) as unix:
+            yield image, tcp, unix
+        backend.close()
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_piped_writes_land_exactly_between_other_requests(
+    loop_factory: LoopFactory, blank: tuple[str, BackgroundServer, BackgroundServer],
+    pipes: list[tuple[int, int, int]],
+) -> None:
+    image, tcp, unix = blank
+    expect = bytearray(SIZE)
+
+    async def main() -> None:
+        async with client(tcp.port) as c:
+            for off, n in [(0, MiB), (3 * MiB + 17, 300_001), (SIZE - MiB, MiB), (5 * MiB, 128 * 1024)]:
+                block = os.urandom(n)
+                p = in_pipe(block)
+                await c.write_piped(off, p)
+                assert p._pool is None, "the client gives the emptied pipe back"
+                expect[off : off + n] = block
+                assert await c.read(off, n) == block, (off, n)
+            # many at once, with small writes and reads between them on the same connection
+            work = []
+            for i in range(8):
+                block, small = os.urandom(MiB), os.urandom(4096)
+                expect[i * MiB : (i + 1) * MiB] = block
+                expect[8 * MiB + i * 4096 : 8 * MiB + (i + 1) * 4096] = small
+                work += [c.write_piped(i * MiB, in_pipe(block)), c.write(8 * MiB + i * 4096, small),
+                         c.read(12 * MiB, 4096)]
+            await asyncio.gather(*work)
+            assert c.spliced_writes == 12
+            await c.flush()
+            assert await c.read(0, SIZE) == bytes(expect)
+        # over a unix socket the data is read out of the pipe and written as usual
+        c2 = await NBDClient.connect(unix.sock, "disk", ClientSettings(request_timeout_s=20))
+        try:
+            block = os.urandom(MiB)
+            p = in_pipe(block)
+            await c2.write_piped(2 * MiB, p)
+            assert p._pool is None and c2.spliced_writes == 0
+            expect[2 * MiB : 3 * MiB] = block
+            assert await c2.read(2 * MiB, MiB) == block
+        finally:
+            await c2.close()
+
+    run(loop_factory, main(), timeout_s=60)
+    with open(image, "rb") as f:
+        assert f.read() == bytes(expect)
+    assert pool_is_clean()
+    assert_no_pipe_leaked(pipes)
+
+
+class StallingProxy:
+    """TCP proxy to the server that passes the client's bytes until ``stall_after`` of
+    them have gone through, then reads no more of them (the client's sends back up)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.stall_after = 1 << 40
+        self.passed = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def up() -> None:
+            while self.passed < self.stall_after:
+                chunk = await cr.read(min(65536, self.stall_after - self.passed))
+                if not chunk:
+                    break
+                self.passed += len(chunk)
+                sw.write(chunk)
+                await sw.drain()
+            await asyncio.Event().wait()  # stalled: read nothing more from the client
+
+        async def down() -> None:
+            while chunk := await sr.read(65536):
+                cw.write(chunk)
+                await cw.drain()
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            cw.close()
+            sw.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_piped_write_cut_off_mid_splice_fails_and_leaves_its_pipe_to_the_caller(
+    loop_factory: LoopFactory, blank: tuple[str, BackgroundServer, BackgroundServer],
+) -> None:
+    _, tcp, _ = blank
+
+    async def main() -> None:
+        proxy = StallingProxy(tcp.port)
+        c = await NBDClient.connect(("127.0.0.1", await proxy.start()), "disk", ClientSettings(request_timeout_s=20))
+        try:
+            sock = c._link.transport.get_extra_info("socket") if c._link and c._link.transport else None
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the splice soon waits for room
+            proxy.stall_after = proxy.passed + 100_000
+            p = in_pipe(os.urandom(MiB))
+            writing = asyncio.ensure_future(c.write_piped(0, p))
+            deadline = time.monotonic() + 10
+            while proxy.passed < proxy.stall_after:
+                assert time.monotonic() < deadline, "the proxy passed nothing"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not writing.done() and c._link is not None and c._link.write_lock.locked()  # mid-splice
+            c.abort("test")
+            with pytest.raises(ConnectionAborted):
+                await writing
+            assert p._pool is not None, "a write that failed leaves its pipe to the caller"
+            assert unread(p.r) > 0
+            p.release(emptied=False)  # closed, never pooled with bytes in it
+        finally:
+            proxy.close()
+
+    run(loop_factory, main(), timeout_s=60)
+    assert pool_is_clean()

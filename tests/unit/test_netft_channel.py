@@ -1,12 +1,15 @@
 """The agent channel's frames: the receiver without sockets (any chunking, in-place
 payloads, limits), then the real channel on loopback, on the standard loop and on
 uvloop: payload sizes around the edges, back-to-back calls, a frame dribbled byte by
-byte, peers that vanish mid-payload or stop reading, strangers and cut-off calls."""
+byte, peers that vanish mid-payload or stop reading, strangers and cut-off calls;
+answers sent from a pipe, and request payloads received into one; calls started
+from a callback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -28,7 +31,7 @@ from shoal.netft.channel import (
     FrameReceiver,
     FrameStream,
 )
-from shoal.netft.errors import AuthenticationFailed, RemoteProtocolError
+from shoal.netft.errors import AuthenticationFailed, RemoteError, RemoteProtocolError
 from shoal.netft.protocol import (
     FRAME_HEADER_SIZE,
     MAX_HEADER,
@@ -38,7 +41,7 @@ from shoal.netft.protocol import (
     parse_nonce,
     proof,
 )
-from shoal.util.pipes import POOL, Piped, unread
+from shoal.util.pipes import F_SETPIPE_SZ, POOL, Piped, unread
 from tests.loops import LOOPS, LoopFactory, run
 
 KEY = derive_key(b"k" * 32, "demo", "channel")
@@ -66,7 +69,9 @@ def feed(rx: FrameReceiver, data: bytes, chunks: list[int] | None = None) -> Non
 def drain_frames(rx: FrameReceiver) -> list[tuple[dict[str, Any], bytes]]:
     out = []
     while rx.has_frames():
-        out.append(rx.pop())
+        header, payload = rx.pop()
+        assert not isinstance(payload, Piped), "this receiver wants no pipes"
+        out.append((header, payload))
     return out
 
 
@@ -166,11 +171,14 @@ async def echo_server(seen: list[Any] | None = None) -> AsyncIterator[tuple[Chan
     """A server whose handler answers with the payload reversed (and records its type);
     closed when the block ends."""
 
-    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes]:
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes]:
+        assert not isinstance(payload, Piped), "this server wants no pipes"
         if seen is not None:
             seen.append(type(payload))
         if op == "sleep":
             await asyncio.sleep(float(args["s"]))
+        if op == "fail":
+            raise RemoteError("refused")
         return {"op": op, "n": len(payload)}, payload[::-1]
 
     srv = ChannelServer("demo", "a", KEY, handler)
@@ -501,7 +509,7 @@ def test_a_piped_answer_arrives_whole_and_its_pipe_goes_back_empty(loop_factory:
     blocks = [os.urandom(n) for n in (1, 64 * 1024, MIB - 1, MIB)]
     given_out: list[Piped] = []
 
-    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
         p = piped(blocks[int(args["i"])])
         given_out.append(p)
         return {"i": args["i"]}, p
@@ -541,7 +549,7 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
 
     monkeypatch.setattr(FrameStream, "write_piped", small_send_buffer)
 
-    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes) -> tuple[Any, bytes | Piped]:
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
         p = piped(os.urandom(MIB))
         given_out.append(p)
         served.set()
@@ -576,3 +584,256 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
             srv.close()
 
     run(loop_factory, main())
+
+
+# -- request payloads received into a pipe (ChannelServer pipe_payload) --------------
+
+
+def take_all(p: Piped) -> bytes:
+    """Every byte of a piped payload; the pipe goes back to the pool, emptied."""
+    out = bytearray()
+    while len(out) < len(p):
+        out += os.read(p.r, len(p) - len(out))
+    assert unread(p.r) == 0, "the pipe held more than its payload"
+    p.release(emptied=True)
+    return bytes(out)
+
+
+@contextlib.asynccontextmanager
+async def piping_server(seen: list[tuple[str, int]]) -> AsyncIterator[int]:
+    """A server that takes "put" payloads of 64 KiB or more into a pipe. Its handler
+    records each payload's type and size, and answers with the payload's bytes
+    reversed, except that for "drop" it leaves a pipe as it is (the server must
+    release it)."""
+
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes]:
+        seen.append((type(payload).__name__, len(payload)))
+        if isinstance(payload, Piped):
+            if args.get("drop"):
+                return {"n": len(payload)}, b""
+            data = take_all(payload)
+        else:
+            data = bytes(payload)
+        return {"n": len(data)}, data[::-1]
+
+    def wants(header: dict[str, Any], size: int) -> bool:
+        return header.get("op") == "put" and size >= 64 * 1024
+
+    srv = ChannelServer("demo", "a", KEY, handler, pipe_payload=wants)
+    await srv.listen("cluster", "127.0.0.1", 0)
+    try:
+        yield srv.servers["cluster"].sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+
+
+def pool_clean() -> bool:
+    return all(unread(r) == 0 for r, _ in POOL._free)
+
+
+@pytest.fixture
+def pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Every pipe the pool hands out during the test: (read fd, write fd, inode)."""
+    taken: list[tuple[int, int, int]] = []
+    take = POOL.take
+
+    def recording() -> tuple[int, int] | None:
+        fds = take()
+        if fds is not None:
+            taken.append((*fds, os.fstat(fds[0]).st_ino))
+        return fds
+
+    monkeypatch.setattr(POOL, "take", recording)
+    return taken
+
+
+def closed(pipe: tuple[int, int, int]) -> bool:
+    """The pipe is closed (its descriptors are gone, or are another file's now)."""
+    try:
+        return os.fstat(pipe[0]).st_ino != pipe[2]
+    except OSError:
+        return True
+
+
+def no_pipe_leaked(taken: list[tuple[int, int, int]]) -> bool:
+    """Each pipe handed out is back in the pool, empty, or closed."""
+    return pool_clean() and all((r, w) in POOL._free or closed((r, w, ino)) for r, w, ino in taken)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_large_request_payloads_arrive_in_a_pipe_with_their_exact_bytes(
+    loop_factory: LoopFactory, pipes: list[tuple[int, int, int]]
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        async with piping_server(seen) as port:
+            conn = await connect(port)
+            cases = [("put", 64 * 1024 - 1), ("put", 64 * 1024), ("put", MIB), ("put", MIB + 1),
+                     ("echo", MIB), ("put", 300_001), ("put", 10)]
+            for round_ in range(3):  # the pool's pipes again: each went back empty
+                for op, n in cases:
+                    payload = os.urandom(n)
+                    result, data = await conn.call(op, {}, payload)
+                    assert result == {"n": n} and bytes(data) == payload[::-1], (round_, op, n)
+            # a pipe the handler left full is closed by the server, never pooled
+            result, _ = await conn.call("put", {"drop": True}, os.urandom(MIB))
+            assert result == {"n": MIB}
+            _, data = await conn.call("put", {}, b"after")
+            assert bytes(data) == b"retfa"
+            conn.close()
+        kinds = {(op, n): kind for (op, n), (kind, _) in zip(cases, seen[: len(cases)], strict=True)}
+        assert kinds == {("put", 64 * 1024 - 1): "bytearray", ("put", 64 * 1024): "Piped", ("put", MIB): "Piped",
+                         ("put", MIB + 1): "bytearray",  # larger than a pipe of the pool
+                         ("echo", MIB): "bytearray", ("put", 300_001): "Piped", ("put", 10): "bytes"}
+        assert pipes and no_pipe_leaked(pipes)
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_piped_payload_dribbled_in_small_pieces(loop_factory: LoopFactory) -> None:
+    """The socket runs dry again and again mid-payload: the splice waits for more each time."""
+    seen: list[tuple[str, int]] = []
+    big = os.urandom(400_000)
+    answers: list[tuple[dict[str, Any], bytes]] = []
+
+    def client(port: int) -> None:
+        with _raw_client(port) as sock:
+            wire = encode_frame({"id": 1, "op": "put", "args": {}}, big)
+            for i in range(0, len(wire), 8191):
+                sock.send(wire[i : i + 8191])
+                time.sleep(0.001)
+            answers.append(_recv_frame(sock))
+            sock.sendall(encode_frame({"id": 2, "op": "put", "args": {}}, b"next"))
+            answers.append(_recv_frame(sock))
+
+    async def main() -> None:
+        async with piping_server(seen) as port:
+            thread = threading.Thread(target=client, args=(port,))
+            thread.start()
+            await until(lambda: not thread.is_alive(), "the client is done", 30)
+            thread.join()
+        assert seen == [("Piped", len(big)), ("bytes", 4)]
+        assert answers == [({"id": 1, "ok": True, "result": {"n": len(big)}}, big[::-1]),
+                           ({"id": 2, "ok": True, "result": {"n": 4}}, b"txen")]
+        assert pool_clean()
+
+    run(loop_factory, main(), timeout_s=60)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_pipe_that_fills_up_hands_the_payload_over_in_a_buffer(loop_factory: LoopFactory) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        # pipes of four pages in the pool: a MiB fills one long before it has all arrived
+        POOL.close()
+        for _ in range(2):
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(w, F_SETPIPE_SZ, 16384)
+            POOL.give((r, w), emptied=True)
+        try:
+            async with piping_server(seen) as port:
+                conn = await connect(port)
+                for _ in range(2):
+                    payload = os.urandom(MIB)
+                    _, data = await conn.call("put", {}, payload)
+                    assert bytes(data) == payload[::-1]
+                conn.close()
+        finally:
+            POOL.close()  # the small pipes are not kept for other tests
+        assert seen == [("bytearray", MIB)] * 2
+
+    run(loop_factory, main(), timeout_s=60)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_client_gone_mid_payload_closes_the_pipe_and_the_server_goes_on(
+    loop_factory: LoopFactory, pipes: list[tuple[int, int, int]]
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def client(port: int) -> None:
+        with _raw_client(port) as sock:
+            wire = encode_frame({"id": 1, "op": "put", "args": {}}, os.urandom(MIB))
+            sock.sendall(wire[: len(wire) // 2])
+            time.sleep(0.3)  # the server splices what came and waits for the rest
+
+    async def main() -> None:
+        async with piping_server(seen) as port:
+            thread = threading.Thread(target=client, args=(port,))
+            thread.start()
+            await until(lambda: not thread.is_alive(), "the client is gone", 20)
+            thread.join()
+            await until(lambda: bool(pipes) and closed(pipes[0]), "the server closed the half-filled pipe")
+            conn = await connect(port)  # others are served as before
+            payload = os.urandom(MIB)
+            _, data = await conn.call("put", {}, payload)
+            assert bytes(data) == payload[::-1]
+            conn.close()
+        assert seen == [("Piped", MIB)]  # the cut-off request never reached the handler
+        assert no_pipe_leaked(pipes)
+
+    run(loop_factory, main(), timeout_s=60)
+
+
+# -- calls started from a callback (Connection.start_call) ----------------------------
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_call_started_from_a_callback_gets_its_answer_from_the_receive_callback(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        async with echo_server() as (srv, port):
+            conn = await connect(port)
+            answers: list[tuple[Any, Any, Any]] = []
+            block = os.urandom(MIB)
+
+            def then(result: Any, data: bytes | None, err: BaseException | None) -> None:
+                answers.append((result, None if data is None else bytes(data), err))
+
+            for i in range(3):
+                assert conn.start_call("echo", {"i": i}, then, 10)
+                # one call at a time: a second start is refused while the first is out
+                assert not conn.start_call("echo", {}, then, 10)
+                await until(lambda i=i: len(answers) == i + 1, "the answer")
+                assert answers[i] == ({"op": "echo", "n": 0}, b"", None)
+            # call() waits for a started call to be answered, then goes on the same connection
+            assert conn.start_call("sleep", {"s": 0.2}, then, 10)
+            result, data = await conn.call("echo", {}, block)
+            assert len(answers) == 4 and answers[3][2] is None, "call() went before the started call ended"
+            assert bytes(data) == block[::-1]
+            # a refusal is a RemoteError; the connection stays usable
+            assert conn.start_call("fail", {}, then, 10)
+            await until(lambda: len(answers) == 5, "the refusal")
+            assert isinstance(answers[4][2], RemoteError) and not conn.closed
+            assert (await conn.call("echo", {}, b"ab"))[1] == b"ba"
+            conn.close()
+            assert not conn.start_call("echo", {}, then, 10), "a closed connection starts nothing"
+
+    run(loop_factory, main())
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_started_call_that_is_not_answered_in_time_or_whose_peer_goes_fails(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        async with echo_server() as (srv, port):
+            answers: list[BaseException | None] = []
+
+            def then(result: Any, data: bytes | None, err: BaseException | None) -> None:
+                answers.append(err)
+
+            conn = await connect(port)
+            assert conn.start_call("sleep", {"s": 5}, then, 0.2)
+            await until(lambda: len(answers) == 1, "the timeout")
+            assert isinstance(answers[0], TimeoutError) and conn.closed
+            # the peer goes away with a call out: the callback hears of it, soon after
+            conn = await connect(port)
+            assert conn.start_call("sleep", {"s": 5}, then, 10)
+            srv.close()
+            for task in list(srv._tasks):
+                task.cancel()
+            await until(lambda: len(answers) == 2, "the lost connection")
+            assert isinstance(answers[1], ConnectionResetError) and conn.closed
+
+    run(loop_factory, main(), timeout_s=60)

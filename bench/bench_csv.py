@@ -27,7 +27,7 @@ and the peer's image are in RAM and the host disk's writeback (which stalls writ
 random while gigabytes of dirty pages are flushed) stays out of both sides' figures.
 Exit status 1 means something broke, never that a goal was missed.
 
-    python bench/bench_csv.py [--repeat 2] [--size 1G] [--quick] [--only direct|redirected|alloc|move ...] [--dir DIR]
+    python bench/bench_csv.py [--repeat 2] [--size 1G] [--quick] [--only direct|redirected|alloc|move ...] [--dir DIR] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -399,7 +399,8 @@ def _move_under_load(c: Cluster, moves: int, settle_s: float, machine: MachineSt
             paused.append(float(r["paused_ms"]))
             print(f"  move {coord} -> {target}: paused {r['paused_ms']:.1f} ms "
                   f"(quiesce {r.get('quiesce_ms')} ms, close {r.get('close_ms')} ms, "
-                  f"target opened the volume in {r.get('target_ms')} ms)")
+                  f"target opened the volume in {r.get('target_ms')} ms, replaying {r.get('replayed')} "
+                  "journal records)")
             time.sleep(settle_s)
     finally:
         results = {node: writer_result(node, proc, stop) for node, (proc, stop) in writers.items()}
@@ -523,6 +524,7 @@ def main() -> int:
                         help="run only this measure (repeatable; default: all four)")
     parser.add_argument("--dir", type=Path, help="where the lab and the peer's image live "
                         "(default: /dev/shm if it is a tmpfs with room, else the system's temporary directory)")
+    parser.add_argument("--logs", type=Path, help="copy the agents' and the target's logs here at the end")
     args = parser.parse_args()
     size = parse_size(args.size)
     if args.quick and size > 256 * MiB:
@@ -564,6 +566,9 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         (work / "lab" / "bench-peer.raw").unlink(missing_ok=True)
+        if args.logs is not None and (work / "lab" / "logs").is_dir():
+            shutil.copytree(work / "lab" / "logs", args.logs, dirs_exist_ok=True)
+            print(f"logs copied to {args.logs}")
         lab.down(LAB_NAME)
         shutil.rmtree(work, ignore_errors=True)
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

@@ -55,6 +55,10 @@ T = TypeVar("T")
 FREEING_OPS = {"remove", "resize", "trim", "zero"}
 #: a planned hand-over leaves up to this much journal for the successor to replay
 HANDOVER_REPLAY_MAX = 4 << 20
+#: before a planned hand-over pauses anything, a journal longer than this is
+#: checkpointed (while requests still run): the successor, whose reads of the LUN under
+#: load cost milliseconds each, then replays only what follows (769 records took 40 ms)
+HANDOVER_CHECKPOINT_MIN = 64 << 10
 
 
 class PreemptFailed(Exception):
@@ -402,8 +406,15 @@ class CoordinatorRole:
         rt = self.rt
         assert rt.election is not None and self.service is not None
         if planned:
-            # flush the LUN while I/O still runs: the flushes inside the pause (the
-            # successor's lease write) then find little dirty data left on the target
+            # checkpoint and flush the LUN while I/O still runs: the successor then
+            # replays only the journal written since, and the flushes inside the pause
+            # (its lease write) find little dirty data left on the target
+            vol = self.vol
+            if vol is not None and vol.journal_bytes > HANDOVER_CHECKPOINT_MIN:
+                try:
+                    await rt.run_blocking(vol.checkpoint)
+                except (VolumeError, LeaseLost, NotCoordinator) as err:  # the close then does
+                    log.warning("%s: checkpoint before the hand-over: %s", rt.name, err)
             with contextlib.suppress(PathFailed):
                 await rt.path.flush(control=True)
         t0 = time.monotonic()
@@ -434,7 +445,7 @@ class CoordinatorRole:
         rt.role = None
         rt.set_coordinator(target, lease.epoch + 1, f"handed the role to {target}")
         return {"from": self.me, "to": target, "paused_ms": round((time.monotonic() - t0) * 1000, 1),
-                "epoch": lease.epoch + 1, "target_ms": result.get("open_ms"),
+                "epoch": lease.epoch + 1, "target_ms": result.get("open_ms"), "replayed": result.get("replayed"),
                 "quiesce_ms": round((t_quiet - t0) * 1000, 1), "close_ms": round((t_closed - t_quiet) * 1000, 1)}
 
     async def hand_over_for_path_loss(self) -> None:

@@ -58,6 +58,8 @@ class Metadata:
         self.image_bytes = unit_count + INODE_BYTES
         #: which checkpoint slot the next checkpoint writes first (set by the loader)
         self.loaded_from_other = "A"
+        #: journal records replayed on top of the checkpoint when this was loaded
+        self.replayed = 0
 
     # ---- allocation ----------------------------------------------------------------
 

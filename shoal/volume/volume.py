@@ -1016,6 +1016,7 @@ def load_metadata(device: Device, sb: Superblock, *, strict: bool = True,
         for op in rec.ops:
             meta.release(meta.apply(op))
         seq = rec.seq
+    meta.replayed = len(result.records)
     return meta, result.end, seq + 1, warnings
 
 

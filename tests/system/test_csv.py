@@ -8,6 +8,7 @@ test leaves every node running and its storage path up.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,10 +122,17 @@ def test_move_during_writes_from_every_node(lab: tuple[Lab, LabState]) -> None:
     for i, node in enumerate(st.nodes):
         h.create(st, node, f"/move{i}.raw", 64 * MiB)
         writers.append(h.start_writer(st, node, f"/move{i}.raw", seed=30 + i))
+    # a hundred allocations, each a journal record: the coordinator checkpoints them
+    # before the pause, so that its successor does not replay them inside it
+    h.create(st, target, "/sparse-move.raw", 256 * MiB)
+    p = h.qemu_io(st, target, "/sparse-move.raw", *(f"write -P 7 {i * 2}M 4k" for i in range(100)))
+    assert p.returncode == 0, p.stdout + p.stderr
     time.sleep(2)
     out = shoal_ok("volume", "move", h.VOLUME, "--to", target, "--json",
                    env={"SHOAL_CONFIG": str(st.config), "SHOAL_NODE": st.nodes[0]})
-    assert '"paused_ms"' in out
+    moved = json.loads(out)
+    assert moved["paused_ms"] > 0 and moved["to"] == target
+    assert moved["replayed"] < 50, f"the new coordinator replayed {moved['replayed']} journal records in the pause"
     assert h.coordinator(st, st.nodes[0]) == target
     time.sleep(2)
     for w in writers:

@@ -65,7 +65,7 @@ from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_ke
 from shoal.nbd.replies import LARGE_READ, ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_head, unread
+from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_piped, unread
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -975,17 +975,7 @@ async def _splice_request(link: _Link, header: bytes, payload: Piped) -> None:
         if transport is None or waiter is None or transport.is_closing():
             raise NBDConnectionError("the connection to the NBD server is closed")
         link.uncork()
-        await send_head(transport, waiter, header)
-        left = len(payload)
-        while left:
-            try:
-                n = os.splice(payload.r, link._fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                await waiter.writable()
-                continue
-            if n == 0:
-                raise NBDConnectionError("a write's pipe ran dry before its data was sent")
-            left -= n
+        await send_piped(transport, waiter, header, payload)
     payload.release(emptied=True)
 
 

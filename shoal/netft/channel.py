@@ -72,7 +72,7 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_head, unread
+from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_piped, unread
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -528,19 +528,7 @@ class FrameStream(asyncio.BufferedProtocol):
         waiter = self._fd_waiter(transport)
         if waiter is None:
             raise ConnectionResetError("the connection has no socket to splice to")
-        await send_head(transport, waiter, encode_frame_head(header, len(payload)))
-        left = len(payload)
-        while left:
-            if self._error is not None:
-                raise self._error
-            try:
-                n = os.splice(payload.r, waiter.fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                await waiter.writable()
-                continue
-            if n == 0:
-                raise ConnectionResetError("the pipe ran dry before the payload was sent")
-            left -= n
+        await send_piped(transport, waiter, encode_frame_head(header, len(payload)), payload)
 
     def _fail(self, err: Exception) -> None:
         if self._error is None:

@@ -15,7 +15,7 @@ a pipe and out again to the other socket: the coordinator copies nothing
   event loop refuses to watch a descriptor a transport owns, so it watches a
   duplicate (same socket), made on first use and closed with ``close``.
 - :func:`send_head` sends the header that goes before spliced data, in the same
-  segment as the data's start where it can.
+  segment as the data's start where it can; :func:`send_piped` sends both.
 - :func:`drain_pipe` reads a payload out of its pipe, for a consumer that cannot splice.
 - :func:`unread` is how many bytes a socket has received that nobody has read yet.
 """
@@ -103,6 +103,26 @@ class PipePool:
 POOL = PipePool()
 
 
+async def send_piped(transport: asyncio.WriteTransport, waiter: FdWaiter, head: bytes, payload: Piped) -> None:
+    """Send ``head`` (:func:`send_head`), then all of ``payload`` spliced from its pipe to
+    the socket, waiting while the socket is full. Raises what the waiter's :meth:`fail`
+    was given, or ConnectionResetError if the pipe holds less than it should. The
+    caller still owns ``payload``."""
+    await send_head(transport, waiter, head)
+    left = len(payload)
+    while left:
+        if waiter.failure is not None:
+            raise waiter.failure
+        try:
+            n = os.splice(payload.r, waiter.fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            await waiter.writable()
+            continue
+        if n == 0:
+            raise ConnectionResetError("a pipe ran dry before its payload was sent")
+        left -= n
+
+
 async def send_head(transport: asyncio.WriteTransport, waiter: FdWaiter, head: bytes) -> None:
     """Send ``head`` ahead of data (at least a byte: MSG_MORE holds the head back until
     more comes) about to be spliced to the same socket, and return
@@ -153,6 +173,8 @@ class FdWaiter:
         self.fd = fd
         self._sock: socket.socket | None = None
         self._waiting: asyncio.Future[None] | None = None
+        #: what :meth:`fail` was given: the connection is lost
+        self.failure: BaseException | None = None
 
     @property
     def sock(self) -> socket.socket:
@@ -172,6 +194,8 @@ class FdWaiter:
 
     async def writable(self) -> None:
         """Return once the socket takes more bytes; raises what :meth:`fail` is given."""
+        if self.failure is not None:
+            raise self.failure
         loop = asyncio.get_running_loop()
         fut = self._waiting = loop.create_future()
         fd = self.sock.fileno()
@@ -183,7 +207,9 @@ class FdWaiter:
             loop.remove_writer(fd)
 
     def fail(self, err: BaseException) -> None:
-        """Wake a waiter with ``err`` (the connection was lost)."""
+        """Wake a waiter with ``err`` (the connection was lost); later waits raise it too."""
+        if self.failure is None:
+            self.failure = err
         fut = self._waiting
         if fut is not None and not fut.done():
             fut.set_exception(err)

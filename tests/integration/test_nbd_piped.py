@@ -32,51 +32,21 @@ from tests.integration.nbd_helpers import (
     short_dir,
 )
 from tests.loops import LOOPS, LoopFactory, run
+from tests.pipe_helpers import (
+    Taken,
+    assert_no_pipe_leaked,
+    in_pipe,
+    pool_is_clean,
+    record_pipes,
+    take_out,
+)
 
 MiB = 1 << 20
 SIZE = 16 * MiB
 @pytest.fixture
-def pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
-    """Every pipe the pool hands out during the test: (read fd, write fd, inode)."""
-    taken: list[tuple[int, int, int]] = []
-    take = POOL.take
-
-    def recording() -> tuple[int, int] | None:
-        fds = take()
-        if fds is not None:
-            taken.append((*fds, os.fstat(fds[0]).st_ino))
-        return fds
-
-    monkeypatch.setattr(POOL, "take", recording)
-    return taken
-
-
-def assert_no_pipe_leaked(taken: list[tuple[int, int, int]]) -> None:
-    """Each pipe handed out is back in the pool, or closed."""
-    for r, w, ino in taken:
-        if (r, w) in POOL._free:
-            continue
-        for fd in (r, w):
-            try:
-                assert os.fstat(fd).st_ino != ino, f"pipe {r},{w} was neither given back nor closed"
-            except OSError:
-                pass  # closed
-
-
-def take_out(result: Piped | bytearray) -> bytes:
-    """The bytes of a read's result; a pipe is emptied and released."""
-    if isinstance(result, bytearray):
-        return bytes(result)
-    out = bytearray()
-    while len(out) < len(result):
-        out += os.read(result.r, len(result) - len(out))
-    assert unread(result.r) == 0
-    result.release(emptied=True)
-    return bytes(out)
-
-
-def pool_is_clean() -> bool:
-    return all(unread(r) == 0 for r, _ in POOL._free)
+def pipes(monkeypatch: pytest.MonkeyPatch) -> list[Taken]:
+    """Every pipe the pool hands out during the test."""
+    return record_pipes(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +73,7 @@ async def client(port: int) -> AsyncIterator[NBDClient]:
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_piped_reads_carry_the_exact_bytes(
-    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[Taken]
 ) -> None:
     srv, data = target
 
@@ -256,7 +226,7 @@ async def held_read(port: int, offset: int, data_bytes: int) -> tuple[HoldingPro
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
-    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[Taken]
 ) -> None:
     srv, data = target
 
@@ -278,7 +248,7 @@ def test_a_read_cut_off_mid_splice_fails_and_its_pipe_is_closed(
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
-    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[tuple[int, int, int]]
+    loop_factory: LoopFactory, target: tuple[BackgroundServer, bytes], pipes: list[Taken]
 ) -> None:
     srv, data = target
 
@@ -306,16 +276,6 @@ def test_a_piped_read_whose_caller_left_is_dropped_and_the_connection_goes_on(
 # -- writes whose data waits in a pipe (NBDClient.write_piped) -------------------------
 
 
-def in_pipe(data: bytes) -> Piped:
-    """``data`` in a pipe of the pool, as the channel leaves a redirected block."""
-    fds = POOL.take()
-    assert fds is not None, "this machine gives no pipe of a MiB"
-    view, pos = memoryview(data), 0
-    while pos < len(data):
-        pos += os.write(fds[1], view[pos:])
-    return Piped(POOL, fds, len(data))
-
-
 @pytest.fixture
 def blank() -> Iterator[tuple[str, BackgroundServer, BackgroundServer]]:
     """A zeroed image served over TCP and over a unix socket: (image, tcp, unix)."""
@@ -333,7 +293,7 @@ def blank() -> Iterator[tuple[str, BackgroundServer, BackgroundServer]]:
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_piped_writes_land_exactly_between_other_requests(
     loop_factory: LoopFactory, blank: tuple[str, BackgroundServer, BackgroundServer],
-    pipes: list[tuple[int, int, int]],
+    pipes: list[Taken],
 ) -> None:
     image, tcp, unix = blank
     expect = bytearray(SIZE)

@@ -43,6 +43,15 @@ from shoal.netft.protocol import (
 )
 from shoal.util.pipes import F_SETPIPE_SZ, POOL, Piped, unread
 from tests.loops import LOOPS, LoopFactory, run
+from tests.pipe_helpers import (
+    Taken,
+    assert_no_pipe_leaked,
+    closed,
+    in_pipe,
+    pool_is_clean,
+    record_pipes,
+    take_out,
+)
 
 KEY = derive_key(b"k" * 32, "demo", "channel")
 MIB = 1 << 20
@@ -490,16 +499,6 @@ def test_closing_here_wakes_a_waiting_reader(loop_factory: LoopFactory) -> None:
 # -- payloads that wait in a pipe (spliced to the socket) ------------------------------
 
 
-def piped(data: bytes) -> Piped:
-    """``data`` in a pipe of the pool, as NBDClient.read_piped leaves a block."""
-    fds = POOL.take()
-    assert fds is not None, "this machine gives no pipe of a MiB"
-    view, pos = memoryview(data), 0
-    while pos < len(data):
-        pos += os.write(fds[1], view[pos:])
-    return Piped(POOL, fds, len(data))
-
-
 def pipe_fill(fds: tuple[int, int]) -> int:
     return unread(fds[0])
 
@@ -510,7 +509,7 @@ def test_a_piped_answer_arrives_whole_and_its_pipe_goes_back_empty(loop_factory:
     given_out: list[Piped] = []
 
     async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
-        p = piped(blocks[int(args["i"])])
+        p = in_pipe(blocks[int(args["i"])])
         given_out.append(p)
         return {"i": args["i"]}, p
 
@@ -550,7 +549,7 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
     monkeypatch.setattr(FrameStream, "write_piped", small_send_buffer)
 
     async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
-        p = piped(os.urandom(MIB))
+        p = in_pipe(os.urandom(MIB))
         given_out.append(p)
         served.set()
         return {}, p
@@ -589,16 +588,6 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
 # -- request payloads received into a pipe (ChannelServer pipe_payload) --------------
 
 
-def take_all(p: Piped) -> bytes:
-    """Every byte of a piped payload; the pipe goes back to the pool, emptied."""
-    out = bytearray()
-    while len(out) < len(p):
-        out += os.read(p.r, len(p) - len(out))
-    assert unread(p.r) == 0, "the pipe held more than its payload"
-    p.release(emptied=True)
-    return bytes(out)
-
-
 @contextlib.asynccontextmanager
 async def piping_server(seen: list[tuple[str, int]]) -> AsyncIterator[int]:
     """A server that takes "put" payloads of 64 KiB or more into a pipe. Its handler
@@ -611,7 +600,7 @@ async def piping_server(seen: list[tuple[str, int]]) -> AsyncIterator[int]:
         if isinstance(payload, Piped):
             if args.get("drop"):
                 return {"n": len(payload)}, b""
-            data = take_all(payload)
+            data = take_out(payload)
         else:
             data = bytes(payload)
         return {"n": len(data)}, data[::-1]
@@ -627,42 +616,15 @@ async def piping_server(seen: list[tuple[str, int]]) -> AsyncIterator[int]:
         srv.close()
 
 
-def pool_clean() -> bool:
-    return all(unread(r) == 0 for r, _ in POOL._free)
-
-
 @pytest.fixture
-def pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
-    """Every pipe the pool hands out during the test: (read fd, write fd, inode)."""
-    taken: list[tuple[int, int, int]] = []
-    take = POOL.take
-
-    def recording() -> tuple[int, int] | None:
-        fds = take()
-        if fds is not None:
-            taken.append((*fds, os.fstat(fds[0]).st_ino))
-        return fds
-
-    monkeypatch.setattr(POOL, "take", recording)
-    return taken
-
-
-def closed(pipe: tuple[int, int, int]) -> bool:
-    """The pipe is closed (its descriptors are gone, or are another file's now)."""
-    try:
-        return os.fstat(pipe[0]).st_ino != pipe[2]
-    except OSError:
-        return True
-
-
-def no_pipe_leaked(taken: list[tuple[int, int, int]]) -> bool:
-    """Each pipe handed out is back in the pool, empty, or closed."""
-    return pool_clean() and all((r, w) in POOL._free or closed((r, w, ino)) for r, w, ino in taken)
+def pipes(monkeypatch: pytest.MonkeyPatch) -> list[Taken]:
+    """Every pipe the pool hands out during the test."""
+    return record_pipes(monkeypatch)
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_large_request_payloads_arrive_in_a_pipe_with_their_exact_bytes(
-    loop_factory: LoopFactory, pipes: list[tuple[int, int, int]]
+    loop_factory: LoopFactory, pipes: list[Taken]
 ) -> None:
     seen: list[tuple[str, int]] = []
 
@@ -686,7 +648,8 @@ def test_large_request_payloads_arrive_in_a_pipe_with_their_exact_bytes(
         assert kinds == {("put", 64 * 1024 - 1): "bytearray", ("put", 64 * 1024): "Piped", ("put", MIB): "Piped",
                          ("put", MIB + 1): "bytearray",  # larger than a pipe of the pool
                          ("echo", MIB): "bytearray", ("put", 300_001): "Piped", ("put", 10): "bytes"}
-        assert pipes and no_pipe_leaked(pipes)
+        assert pipes
+        assert_no_pipe_leaked(pipes)
 
     run(loop_factory, main())
 
@@ -717,7 +680,7 @@ def test_a_piped_payload_dribbled_in_small_pieces(loop_factory: LoopFactory) -> 
         assert seen == [("Piped", len(big)), ("bytes", 4)]
         assert answers == [({"id": 1, "ok": True, "result": {"n": len(big)}}, big[::-1]),
                            ({"id": 2, "ok": True, "result": {"n": 4}}, b"txen")]
-        assert pool_clean()
+        assert pool_is_clean()
 
     run(loop_factory, main(), timeout_s=60)
 
@@ -750,7 +713,7 @@ def test_a_pipe_that_fills_up_hands_the_payload_over_in_a_buffer(loop_factory: L
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_client_gone_mid_payload_closes_the_pipe_and_the_server_goes_on(
-    loop_factory: LoopFactory, pipes: list[tuple[int, int, int]]
+    loop_factory: LoopFactory, pipes: list[Taken]
 ) -> None:
     seen: list[tuple[str, int]] = []
 
@@ -773,7 +736,7 @@ def test_a_client_gone_mid_payload_closes_the_pipe_and_the_server_goes_on(
             assert bytes(data) == payload[::-1]
             conn.close()
         assert seen == [("Piped", MIB)]  # the cut-off request never reached the handler
-        assert no_pipe_leaked(pipes)
+        assert_no_pipe_leaked(pipes)
 
     run(loop_factory, main(), timeout_s=60)
 

@@ -410,7 +410,7 @@ class CoordinatorRole:
             # replays only the journal written since, and the flushes inside the pause
             # (its lease write) find little dirty data left on the target
             vol = self.vol
-            if vol is not None and vol.journal_bytes > HANDOVER_CHECKPOINT_MIN:
+            if vol is not None and vol.failure is None and vol.journal_bytes > HANDOVER_CHECKPOINT_MIN:
                 try:
                     await rt.run_blocking(vol.checkpoint)
                 except (VolumeError, LeaseLost, NotCoordinator) as err:  # the close then does

@@ -160,9 +160,11 @@ async def _take_role(rt: VolumeRuntime, args: dict[str, Any]) -> dict[str, Any]:
                       holders=args.get("holders") or {}, fenced=args.get("fenced") or {},
                       maintenance=bool(args.get("maintenance")),
                       clean_seq=None if args.get("clean_seq") is None else int(args["clean_seq"]))
-    if rt.role is None or rt.role.vol is None:
+    if rt.role is None:
         return {"ok": False, "message": "could not open the volume"}
-    return {"ok": True, "open_ms": round((time.monotonic() - t0) * 1000, 1), "replayed": rt.role.vol.meta.replayed}
+    vol = rt.role.vol
+    return {"ok": True, "open_ms": round((time.monotonic() - t0) * 1000, 1),
+            "replayed": None if vol is None else vol.meta.replayed}
 
 
 def _role(rt: VolumeRuntime) -> CoordinatorRole:

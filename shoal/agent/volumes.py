@@ -557,7 +557,8 @@ class VolumeRuntime:
 
     def _start_redirected_read(self, offset: int, length: int, done: ReadDone) -> bool:
         """A redirected read sent now, from a callback (no task): when the coordinator is
-        another node that answers, and a block lane to it is open and idle. ``done``
+        another node that answers, and the least busy block lane to it is open and
+        carries no call. ``done``
         gets the data, or RedirectAgain for anything else (an error, a refusal, no
         answer): the caller reads again the long way, which knows how to wait, retry
         and be fenced. False, having sent nothing, when it cannot go now."""

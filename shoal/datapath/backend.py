@@ -153,8 +153,9 @@ class FileBackend(AsyncBackend):
 
     def read_now(self, offset: int, length: int, done: ReadDone) -> bool:
         """The common read, started from the server's callback with no task of its own:
-        ready, not in maintenance, one mapped segment of a cached map, direct. The map
-        stays held until the data is back. False (nothing started) when any of that does
+        ready, not in maintenance, one mapped segment of a cached map, and the router
+        can send it now (direct, or through the coordinator). The map stays held until
+        the data is back. False (nothing started) when any of that does
         not hold: the server runs :meth:`read` as a task instead."""
         access = self.access
         if not access.ready_now() or access.file_level():

@@ -293,12 +293,13 @@ class _Link(asyncio.BufferedProtocol):
             return
         assert sp.pending.pipe is not None and self._waiter is not None
         w = sp.pending.pipe[1]
+        fd = self._waiter.sock.fileno()  # the duplicate: the transport's own may be closed already
         stuck = False
         while sp.left:
             try:
-                n = os.splice(self._fd, w, sp.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                n = os.splice(fd, w, sp.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                if unread(self._fd):
+                if unread(fd):
                     if not stuck:  # it may have arrived since: once more
                         stuck = True
                         continue
@@ -967,9 +968,9 @@ async def _write_in_pieces(
 
 
 async def _splice_request(link: _Link, header: bytes, payload: Piped) -> None:
-    """Write one request whose payload waits in a pipe: the header through the
-    transport, then, once the transport has sent everything it holds, the payload
-    spliced from the pipe straight to the socket."""
+    """Write one request whose payload waits in a pipe: the header (``send_head``:
+    straight on the socket with MSG_MORE, or after what the transport holds), then the
+    payload spliced from the pipe to the socket."""
     async with link.write_lock:
         transport, waiter = link.transport, link._waiter
         if transport is None or waiter is None or transport.is_closing():

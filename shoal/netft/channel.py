@@ -16,8 +16,9 @@ Layers, bottom up:
   fills in place, and that bytearray is the payload the reader gets: a 1 MiB
   redirected block costs at most one copy of the part that arrived with its
   header, not a copy of the whole block per layer. A payload its ``wants_pipe``
-  chooses is not received at all: parsing stops there (``pipe_due``) for the
-  stream to splice it into a pipe.
+  chooses is not received into a buffer: parsing stops there (``pipe_due``),
+  and the stream writes the part that came with the header into a pipe and
+  splices the rest from the socket after it.
 - :class:`FrameStream`, an :class:`asyncio.BufferedProtocol`, is the thin
   adapter: ``read_frame()`` waits for the next frame; ``write_frame()`` then
   ``drain()`` sends one, waiting while the transport is over its high-water
@@ -260,6 +261,15 @@ class FrameReceiver:
         # a bytearray reads like bytes to every user of a payload
         self._emit(header, cast(bytes, part), self._part_hlen)
 
+    def discard(self) -> None:
+        """Drop the frames nobody took (the stream ended); a payload waiting in a pipe
+        is released."""
+        while self._frames:
+            payload = self._frames.popleft()[1]
+            if isinstance(payload, Piped):
+                payload.release(emptied=False)
+        self.queued_bytes = 0
+
     def _emit(self, header: dict[str, Any], payload: bytes, hlen: int) -> None:
         size = FRAME_HEADER_SIZE + hlen + len(payload)
         self._frames.append((header, payload, size))
@@ -331,6 +341,7 @@ class FrameStream(asyncio.BufferedProtocol):
         err.__cause__ = exc
         self._fail(err)
         self._drop_pipe_in()
+        self.receiver.discard()
         if self._waiter is not None:
             self._waiter.close()
         if not self._lost.done():
@@ -367,7 +378,8 @@ class FrameStream(asyncio.BufferedProtocol):
             finally:
                 self._reader = None
         frame = receiver.pop()
-        if self._reading_paused and receiver.queued_bytes <= QUEUE_LIMIT and self.transport:
+        if (self._reading_paused and receiver.queued_bytes <= QUEUE_LIMIT and self.transport
+                and self._piping is None and receiver.pipe_due is None):
             self._reading_paused = False
             self.transport.resume_reading()
         return frame
@@ -432,12 +444,14 @@ class FrameStream(asyncio.BufferedProtocol):
         receiver, transport = self.receiver, self.transport
         due = receiver.pipe_due
         assert due is not None
-        waiter = self._fd_waiter(transport) if transport is not None else None
-        fds = POOL.take() if waiter is not None and due.plen <= POOL.size else None
-        try:  # what arrived with the header first (less than the scratch buffer), into an empty pipe
+        fds = None
+        try:
+            waiter = self._fd_waiter(transport) if transport is not None else None
+            fds = POOL.take() if waiter is not None and due.plen <= POOL.size else None
+            # what arrived with the header first (less than the scratch buffer), into an empty pipe
             ok = fds is not None and (not due.arrived or os.write(fds[1], due.arrived) == len(due.arrived))
-        except OSError:
-            ok = False
+        except OSError:  # no descriptor to be had (EMFILE): into a buffer
+            waiter, ok = None, False
         if not ok or transport is None or waiter is None:
             if fds is not None:
                 POOL.give(fds, emptied=False)
@@ -452,20 +466,27 @@ class FrameStream(asyncio.BufferedProtocol):
         p, waiter = self._piping, self._waiter
         if p is None or waiter is None:
             return
+        # the duplicate descriptor: the transport's own may be closed (and its number
+        # reused) before connection_lost tells us
+        fd = waiter.sock.fileno()
         stuck = False
         while p.left:
             try:
-                n = os.splice(waiter.fd, p.fds[1], p.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                n = os.splice(fd, p.fds[1], p.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                if unread(waiter.fd):
+                if unread(fd):
                     if not stuck:  # it may have arrived since: once more
                         stuck = True
                         continue
                     self._pipe_full(p)  # the data is there but the pipe takes no more
                     return
                 if not p.watching:
+                    try:
+                        waiter.when_readable(self._pipe_more)
+                    except OSError as err:  # no descriptor to be had (EMFILE)
+                        self._pipe_broken(f"cannot wait for the rest of a frame: {err}")
+                        return
                     p.watching = True
-                    waiter.when_readable(self._pipe_more)
                 return
             except OSError as err:
                 self._pipe_broken(f"the connection failed in the middle of a frame: {err}")
@@ -520,8 +541,8 @@ class FrameStream(asyncio.BufferedProtocol):
     # --- a payload sent from a pipe ----------------------------------------------
 
     async def write_piped(self, header: dict[str, Any], payload: Piped) -> None:
-        """Send one frame whose payload waits in a pipe: the head through the
-        transport, then the payload spliced from the pipe to the socket (no copy).
+        """Send one frame whose payload waits in a pipe: the head (``send_head``), then
+        the payload spliced from the pipe to the socket (no copy).
         The caller still owns ``payload`` (and releases it); no other frame may be
         written until this returns."""
         transport = self._open_transport()
@@ -808,11 +829,13 @@ class Connection:
         stream.on_frame = answered
         try:
             stream.write_frame({"id": rid, "op": op, "args": args})
-        except (OSError, RemoteProtocolError):  # ended meanwhile: nothing was sent
+        except BaseException as err:
             timer.cancel()
             stream.on_frame = None
             end()
-            return False
+            if isinstance(err, (OSError, RemoteProtocolError)):  # ended meanwhile: nothing was sent
+                return False
+            raise
         return True
 
     def close(self) -> None:

@@ -109,13 +109,16 @@ async def send_piped(transport: asyncio.WriteTransport, waiter: FdWaiter, head: 
     was given, or ConnectionResetError if the pipe holds less than it should. The
     caller still owns ``payload``."""
     await send_head(transport, waiter, head)
+    fd = waiter.sock.fileno()  # the duplicate: the transport's own may be closed already
     left = len(payload)
     while left:
         if waiter.failure is not None:
             raise waiter.failure
         try:
-            n = os.splice(payload.r, waiter.fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            n = os.splice(payload.r, fd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
+            if not unread(payload.r):  # (the pipe is empty, not the socket full)
+                raise ConnectionResetError("a pipe ran dry before its payload was sent") from None
             await waiter.writable()
             continue
         if n == 0:
@@ -218,7 +221,9 @@ class FdWaiter:
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
-                asyncio.get_running_loop().remove_reader(sock.fileno())
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(sock.fileno())
+                loop.remove_writer(sock.fileno())
             except RuntimeError:  # no running loop: nothing is registered any more
                 pass
             sock.close()

@@ -329,6 +329,8 @@ class Volume:
 
     def checkpoint(self) -> None:
         self._check_writable()
+        if self._broken is not None:  # memory differs from the journal: never save it
+            raise VolumeError(f"the volume stopped taking changes ({self._broken}); reopen it")
         with self._lock:
             self._checkpoint_locked()
 

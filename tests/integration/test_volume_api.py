@@ -183,3 +183,26 @@ def test_write_into_a_hole_filled_by_several_free_runs(small_unit_volume: str) -
         for k in range(1, 14, 2):
             assert vol.open_file(f"/pad{k}").pread(0, unit) == b"p" * unit
     assert fsck(small_unit_volume).exit_code == 0
+
+
+def test_a_volume_whose_memory_ran_ahead_of_its_journal_is_never_checkpointed(
+    volume_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op that fails half-applied leaves memory unlike the journal: no checkpoint may
+    save that state (the coordinator checkpoints before a hand-over); a reopen replays."""
+    with Volume.open(volume_path) as vol:
+        vol.mkdir("/kept")
+        apply = vol.meta.apply
+
+        def half(op: object) -> object:
+            apply(op)  # type: ignore[arg-type]
+            raise RuntimeError("a bug half-way through an op")
+
+        monkeypatch.setattr(vol.meta, "apply", half)
+        with pytest.raises(RuntimeError):
+            vol.mkdir("/half")
+        with pytest.raises(VolumeError, match="stopped taking changes"):
+            vol.checkpoint()
+    with Volume.open(volume_path, writable=False) as vol:
+        assert [s.path for s in vol.listdir("/")] == ["/kept"]
+    assert fsck(volume_path).exit_code == 0

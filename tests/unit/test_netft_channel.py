@@ -800,3 +800,32 @@ def test_a_started_call_that_is_not_answered_in_time_or_whose_peer_goes_fails(lo
             assert isinstance(answers[1], ConnectionResetError) and conn.closed
 
     run(loop_factory, main(), timeout_s=60)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_a_piped_answer_whose_pipe_holds_too_little_ends_the_connection_not_the_server(
+    loop_factory: LoopFactory,
+) -> None:
+    async def handler(peer: str, op: str, args: dict[str, Any], payload: bytes | Piped) -> tuple[Any, bytes | Piped]:
+        p = in_pipe(b"x" * 1000)
+        if op == "short":
+            p.length = MIB  # says a MiB; holds 1000 bytes
+        return {}, p
+
+    async def main() -> None:
+        srv = ChannelServer("demo", "a", KEY, handler)
+        await srv.listen("cluster", "127.0.0.1", 0)
+        port = srv.servers["cluster"].sockets[0].getsockname()[1]
+        try:
+            conn = await connect(port)
+            with pytest.raises((ConnectionResetError, RemoteProtocolError)):
+                await asyncio.wait_for(conn.call("short", {}), 10)  # not a wait for ever
+            other = await connect(port)
+            _, data = await other.call("whole", {})
+            assert bytes(data) == b"x" * 1000
+            other.close()
+        finally:
+            srv.close()
+        assert pool_is_clean()
+
+    run(loop_factory, main(), timeout_s=60)

@@ -406,17 +406,18 @@ class CoordinatorRole:
         rt = self.rt
         assert rt.election is not None and self.service is not None
         if planned:
-            # checkpoint and flush the LUN while I/O still runs: the successor then
-            # replays only the journal written since, and the flushes inside the pause
-            # (its lease write) find little dirty data left on the target
+            # flush the LUN and checkpoint while I/O still runs: the flushes inside the
+            # pause (the successor's lease write) find little dirty data left on the
+            # target, and the successor replays only the journal written since the
+            # checkpoint (last: the flush may take long while allocations go on)
+            with contextlib.suppress(PathFailed):
+                await rt.path.flush(control=True)
             vol = self.vol
             if vol is not None and vol.failure is None and vol.journal_bytes > HANDOVER_CHECKPOINT_MIN:
                 try:
                     await rt.run_blocking(vol.checkpoint)
                 except (VolumeError, LeaseLost, NotCoordinator) as err:  # the close then does
                     log.warning("%s: checkpoint before the hand-over: %s", rt.name, err)
-            with contextlib.suppress(PathFailed):
-                await rt.path.flush(control=True)
         t0 = time.monotonic()
         await self._quiesce()
         t_quiet = time.monotonic()

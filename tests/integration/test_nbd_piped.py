@@ -175,7 +175,12 @@ class HoldingProxy:
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        # a small receive buffer (set before listening, so the window stays small): once
+        # the proxy stops reading, the client's sends back up within a few KiB
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -338,82 +343,48 @@ def test_piped_writes_land_exactly_between_other_requests(
     assert_no_pipe_leaked(pipes)
 
 
-class StallingProxy:
-    """TCP proxy to the server that passes the client's bytes until ``stall_after`` of
-    them have gone through, then reads no more of them (the client's sends back up)."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.stall_after = 1 << 40
-        self.passed = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
-
-        async def up() -> None:
-            while self.passed < self.stall_after:
-                chunk = await cr.read(min(65536, self.stall_after - self.passed))
-                if not chunk:
-                    break
-                self.passed += len(chunk)
-                sw.write(chunk)
-                await sw.drain()
-            await asyncio.Event().wait()  # stalled: read nothing more from the client
-
-        async def down() -> None:
-            while chunk := await sr.read(65536):
-                cw.write(chunk)
-                await cw.drain()
-
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            cw.close()
-            sw.close()
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 @pytest.mark.parametrize("loop_factory", LOOPS)
 def test_a_piped_write_cut_off_mid_splice_fails_and_leaves_its_pipe_to_the_caller(
     loop_factory: LoopFactory, blank: tuple[str, BackgroundServer, BackgroundServer],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, tcp, _ = blank
+    splice = os.splice
+    moved = 0
+    full_after = 100_000  # the socket "takes no more" after this much of the write's data
+
+    def stalling(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        # (a real socket absorbs a MiB too readily, even with small buffers, to stop at
+        # a point of our choosing)
+        nonlocal moved
+        if src == p.r:
+            if moved >= full_after:
+                raise BlockingIOError(11, "the socket is full")
+            count = min(count, full_after - moved)
+            n = splice(src, dst, count, *args, **kw)
+            moved += n
+            return n
+        return splice(src, dst, count, *args, **kw)
+
+    p = in_pipe(os.urandom(MiB))
 
     async def main() -> None:
-        proxy = StallingProxy(tcp.port)
-        c = await NBDClient.connect(("127.0.0.1", await proxy.start()), "disk", ClientSettings(request_timeout_s=20))
-        try:
-            sock = c._link.transport.get_extra_info("socket") if c._link and c._link.transport else None
-            assert sock is not None
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the splice soon waits for room
-            proxy.stall_after = proxy.passed + 100_000
-            p = in_pipe(os.urandom(MiB))
+        async with client(tcp.port) as c:
+            monkeypatch.setattr(os, "splice", stalling)
             writing = asyncio.ensure_future(c.write_piped(0, p))
             deadline = time.monotonic() + 10
-            while proxy.passed < proxy.stall_after:
-                assert time.monotonic() < deadline, "the proxy passed nothing"
+            while moved < full_after:
+                assert time.monotonic() < deadline, "the write spliced nothing"
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             assert not writing.done() and c._link is not None and c._link.write_lock.locked()  # mid-splice
             c.abort("test")
             with pytest.raises(ConnectionAborted):
                 await writing
+            monkeypatch.setattr(os, "splice", splice)
             assert p._pool is not None, "a write that failed leaves its pipe to the caller"
-            assert unread(p.r) > 0
+            assert unread(p.r) == MiB - full_after
             p.release(emptied=False)  # closed, never pooled with bytes in it
-        finally:
-            proxy.close()
 
     run(loop_factory, main(), timeout_s=60)
     assert pool_is_clean()

@@ -132,7 +132,7 @@ def test_move_during_writes_from_every_node(lab: tuple[Lab, LabState]) -> None:
                    env={"SHOAL_CONFIG": str(st.config), "SHOAL_NODE": st.nodes[0]})
     moved = json.loads(out)
     assert moved["paused_ms"] > 0 and moved["to"] == target
-    assert moved["replayed"] < 50, f"the new coordinator replayed {moved['replayed']} journal records in the pause"
+    assert moved["replayed"] < 100, f"the new coordinator replayed {moved['replayed']} journal records in the pause"
     assert h.coordinator(st, st.nodes[0]) == target
     time.sleep(2)
     for w in writers:

@@ -557,22 +557,18 @@ class VolumeRuntime:
 
     def _start_redirected_read(self, offset: int, length: int, done: ReadDone) -> bool:
         """A redirected read sent now, from a callback (no task): when the coordinator is
-        another node that answers, and the least busy block lane to it is open and
-        carries no call. ``done``
-        gets the data, or RedirectAgain for anything else (an error, a refusal, no
-        answer): the caller reads again the long way, which knows how to wait, retry
-        and be fenced. False, having sent nothing, when it cannot go now."""
+        another node that answers, and the lane :meth:`_lane` picks is open and carries
+        no call. ``done`` gets the data, or RedirectAgain for anything else (an error, a
+        refusal, no answer): the caller reads again the long way, which knows how to
+        wait, retry and be fenced. False, having sent nothing, when it cannot go now."""
         coord = self.coordinator
         if self.fenced or coord is None or coord == self.node or not self.coordinator_reachable:
             return False
-        calls = self._lane_calls
-        i = calls.index(min(calls))
-        conn = self.agent.open_lane(coord, 1 + i)
-        if conn is None:
-            return False
+        lane = self._lane("csv.io")  # taken: given back below, or when the answer comes
+        conn = self.agent.open_lane(coord, lane)
 
         def answered(result: Any, data: bytes | None, err: BaseException | None) -> None:
-            calls[i] -= 1
+            self._lane_calls[lane - 1] -= 1
             if err is None and isinstance(result, dict) and "error" not in result and data is not None \
                     and len(data) == length:
                 done(data, None)
@@ -581,10 +577,9 @@ class VolumeRuntime:
 
         args = {"kind": "read", "offset": offset, "length": length, "key": self.failed_key,
                 "volume": self.name, "gen": self.generation}
-        calls[i] += 1
-        if conn.start_call("csv.io", args, answered, self.agent.cfg.timing.rpc_call_timeout_s):
+        if conn is not None and conn.start_call("csv.io", args, answered, self.agent.cfg.timing.rpc_call_timeout_s):
             return True
-        calls[i] -= 1
+        self._lane_calls[lane - 1] -= 1
         return False
 
     # ---- the backend's view (datapath.backend.VolumeAccess) -------------------------------

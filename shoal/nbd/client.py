@@ -65,7 +65,17 @@ from shoal.nbd.fencing import PreemptOrder, Registration, check_holder, check_ke
 from shoal.nbd.replies import LARGE_READ, ReplyEvent, ReplyParser
 from shoal.nbd.server_handshake import NEED_DATA
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_piped, unread
+from shoal.util.pipes import (
+    EOF,
+    FULL,
+    POOL,
+    WAIT,
+    FdWaiter,
+    Piped,
+    drain_pipe,
+    send_piped,
+    splice_in,
+)
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -292,37 +302,27 @@ class _Link(asyncio.BufferedProtocol):
         if sp is None:
             return
         assert sp.pending.pipe is not None and self._waiter is not None
-        w = sp.pending.pipe[1]
         fd = self._waiter.sock.fileno()  # the duplicate: the transport's own may be closed already
-        stuck = False
-        while sp.left:
-            try:
-                n = os.splice(fd, w, sp.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                if unread(fd):
-                    if not stuck:  # it may have arrived since: once more
-                        stuck = True
-                        continue
-                    # the data is there but the pipe takes no more
-                    self._end_splice()
-                    self._give_up_pipe(sp)
-                    return
-                if not sp.watching:
-                    sp.watching = True
-                    self._waiter.when_readable(self._splice_more)
-                return
-            except OSError as err:
-                self._end_splice()
-                self._fail(NBDConnectionError(f"the connection to the NBD server failed: {err}"))
-                return
-            if n == 0:
-                self._end_splice()
-                self._fail(NBDConnectionError("the NBD server closed the connection in the middle of a read"))
-                return
-            sp.left -= n
-            sp.moved += n
-            stuck = False
+        try:
+            n, state = splice_in(fd, sp.pending.pipe[1], sp.left)
+        except OSError as err:
+            self._end_splice()
+            self._fail(NBDConnectionError(f"the connection to the NBD server failed: {err}"))
+            return
+        sp.left -= n
+        sp.moved += n
+        if state == WAIT:
+            if not sp.watching:
+                sp.watching = True
+                self._waiter.when_readable(self._splice_more)
+            return
         self._end_splice()
+        if state == FULL:  # the data is there but the pipe takes no more
+            self._give_up_pipe(sp)
+            return
+        if state == EOF:
+            self._fail(NBDConnectionError("the NBD server closed the connection in the middle of a read"))
+            return
         sp.pending.spliced = True
         self.client.spliced += 1
         self._deliver(lambda: self.parser.received_into(sp.moved))

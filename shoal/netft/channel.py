@@ -73,7 +73,17 @@ from shoal.netft.protocol import (
     proof,
 )
 from shoal.util.buffers import unzeroed
-from shoal.util.pipes import POOL, FdWaiter, Piped, drain_pipe, send_piped, unread
+from shoal.util.pipes import (
+    EOF,
+    FULL,
+    POOL,
+    WAIT,
+    FdWaiter,
+    Piped,
+    drain_pipe,
+    send_piped,
+    splice_in,
+)
 from shoal.util.transports import write_together
 
 log = logging.getLogger(__name__)
@@ -468,34 +478,27 @@ class FrameStream(asyncio.BufferedProtocol):
             return
         # the duplicate descriptor: the transport's own may be closed (and its number
         # reused) before connection_lost tells us
-        fd = waiter.sock.fileno()
-        stuck = False
-        while p.left:
-            try:
-                n = os.splice(fd, p.fds[1], p.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                if unread(fd):
-                    if not stuck:  # it may have arrived since: once more
-                        stuck = True
-                        continue
-                    self._pipe_full(p)  # the data is there but the pipe takes no more
+        try:
+            n, state = splice_in(waiter.sock.fileno(), p.fds[1], p.left)
+        except OSError as err:
+            self._pipe_broken(f"the connection failed in the middle of a frame: {err}")
+            return
+        p.left -= n
+        if state == WAIT:
+            if not p.watching:
+                try:
+                    waiter.when_readable(self._pipe_more)
+                except OSError as err:  # no descriptor to be had (EMFILE)
+                    self._pipe_broken(f"cannot wait for the rest of a frame: {err}")
                     return
-                if not p.watching:
-                    try:
-                        waiter.when_readable(self._pipe_more)
-                    except OSError as err:  # no descriptor to be had (EMFILE)
-                        self._pipe_broken(f"cannot wait for the rest of a frame: {err}")
-                        return
-                    p.watching = True
-                return
-            except OSError as err:
-                self._pipe_broken(f"the connection failed in the middle of a frame: {err}")
-                return
-            if n == 0:
-                self._pipe_broken("peer closed the connection in the middle of a frame")
-                return
-            p.left -= n
-            stuck = False
+                p.watching = True
+            return
+        if state == FULL:  # the data is there but the pipe takes no more
+            self._pipe_full(p)
+            return
+        if state == EOF:
+            self._pipe_broken("peer closed the connection in the middle of a frame")
+            return
         self._end_pipe_in()
         self.receiver.piped(Piped(POOL, p.fds, p.plen))
         self._pipe_done()

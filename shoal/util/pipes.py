@@ -17,6 +17,7 @@ a pipe and out again to the other socket: the coordinator copies nothing
 - :func:`send_head` sends the header that goes before spliced data, in the same
   segment as the data's start where it can; :func:`send_piped` sends both.
 - :func:`drain_pipe` reads a payload out of its pipe, for a consumer that cannot splice.
+- :func:`splice_in` moves what a socket received into a pipe.
 - :func:`unread` is how many bytes a socket has received that nobody has read yet.
 """
 
@@ -161,6 +162,34 @@ def drain_pipe(payload: Piped) -> bytes:
     finally:
         payload.release(emptied=pos == len(buf))
     return cast(bytes, buf)  # a bytearray reads like bytes to every user of a payload
+
+
+#: why :func:`splice_in` stopped
+FILLED, WAIT, FULL, EOF = "filled", "wait", "full", "eof"
+
+
+def splice_in(fd: int, pipe_w: int, left: int) -> tuple[int, str]:
+    """Splice up to ``left`` bytes from socket ``fd`` into a pipe while they come.
+    Returns (bytes moved, why it stopped): FILLED (all ``left``), WAIT (the socket has
+    no more now), FULL (the socket has more but the pipe takes no more: its buffers
+    fill by the socket's pieces, not by bytes) or EOF (the peer closed). OSError: the
+    connection failed."""
+    moved, stuck = 0, False
+    while moved < left:
+        try:
+            n = os.splice(fd, pipe_w, left - moved, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            if not unread(fd):
+                return moved, WAIT
+            if stuck:
+                return moved, FULL
+            stuck = True  # it may have arrived since: once more
+            continue
+        if n == 0:
+            return moved, EOF
+        moved += n
+        stuck = False
+    return moved, FILLED
 
 
 def unread(fd: int) -> int:

@@ -30,6 +30,7 @@ from shoal.netft.channel import (
     Connection,
     FrameReceiver,
     FrameStream,
+    Handler,
 )
 from shoal.netft.errors import AuthenticationFailed, RemoteError, RemoteProtocolError
 from shoal.netft.protocol import (
@@ -176,6 +177,18 @@ def test_queued_bytes_count_what_is_not_taken() -> None:
 # -- the channel on loopback, on both loops ----------------------------------------------
 
 @contextlib.asynccontextmanager
+async def serving(handler: Handler, **kw: Any) -> AsyncIterator[tuple[ChannelServer, int]]:
+    """A server with ``handler`` on a loopback port: (server, port); closed when the
+    block ends."""
+    srv = ChannelServer("demo", "a", KEY, handler, **kw)
+    await srv.listen("cluster", "127.0.0.1", 0)
+    try:
+        yield srv, srv.servers["cluster"].sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+
+
+@contextlib.asynccontextmanager
 async def echo_server(seen: list[Any] | None = None) -> AsyncIterator[tuple[ChannelServer, int]]:
     """A server whose handler answers with the payload reversed (and records its type);
     closed when the block ends."""
@@ -190,12 +203,8 @@ async def echo_server(seen: list[Any] | None = None) -> AsyncIterator[tuple[Chan
             raise RemoteError("refused")
         return {"op": op, "n": len(payload)}, payload[::-1]
 
-    srv = ChannelServer("demo", "a", KEY, handler)
-    await srv.listen("cluster", "127.0.0.1", 0)
-    try:
-        yield srv, srv.servers["cluster"].sockets[0].getsockname()[1]
-    finally:
-        srv.close()
+    async with serving(handler) as served:
+        yield served
 
 
 async def connect(port: int, key: bytes = KEY) -> Connection:
@@ -514,17 +523,13 @@ def test_a_piped_answer_arrives_whole_and_its_pipe_goes_back_empty(loop_factory:
         return {"i": args["i"]}, p
 
     async def main() -> None:
-        srv = ChannelServer("demo", "a", KEY, handler)
-        await srv.listen("cluster", "127.0.0.1", 0)
-        try:
-            conn = await connect(srv.servers["cluster"].sockets[0].getsockname()[1])
+        async with serving(handler) as (_, port):
+            conn = await connect(port)
             for _ in range(3):  # the same pipes again: each was left empty
                 for i, block in enumerate(blocks):
                     result, data = await conn.call("read", {"i": i})
                     assert result == {"i": i} and bytes(data) == block, i
             conn.close()
-        finally:
-            srv.close()
         assert len(given_out) == 12
         assert all(p._pool is None for p in given_out)  # every one was released
         assert POOL._free and all(pipe_fill(fds) == 0 for fds in POOL._free)
@@ -555,10 +560,7 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
         return {}, p
 
     async def main() -> None:
-        srv = ChannelServer("demo", "a", KEY, handler)
-        await srv.listen("cluster", "127.0.0.1", 0)
-        port = srv.servers["cluster"].sockets[0].getsockname()[1]
-        try:
+        async with serving(handler) as (_, port):
             # a client that asks, reads a little of the answer, then vanishes
             conn = await connect(port)
             sock = conn.stream.transport.get_extra_info("socket") if conn.stream.transport else None
@@ -579,8 +581,6 @@ def test_a_client_gone_mid_splice_ends_the_connection_and_its_pipe_is_closed(
             _, data = await other.call("read", {})
             assert len(data) == MIB
             other.close()
-        finally:
-            srv.close()
 
     run(loop_factory, main())
 
@@ -608,12 +608,8 @@ async def piping_server(seen: list[tuple[str, int]]) -> AsyncIterator[int]:
     def wants(header: dict[str, Any], size: int) -> bool:
         return header.get("op") == "put" and size >= 64 * 1024
 
-    srv = ChannelServer("demo", "a", KEY, handler, pipe_payload=wants)
-    await srv.listen("cluster", "127.0.0.1", 0)
-    try:
-        yield srv.servers["cluster"].sockets[0].getsockname()[1]
-    finally:
-        srv.close()
+    async with serving(handler, pipe_payload=wants) as (_, port):
+        yield port
 
 
 @pytest.fixture
@@ -813,10 +809,7 @@ def test_a_piped_answer_whose_pipe_holds_too_little_ends_the_connection_not_the_
         return {}, p
 
     async def main() -> None:
-        srv = ChannelServer("demo", "a", KEY, handler)
-        await srv.listen("cluster", "127.0.0.1", 0)
-        port = srv.servers["cluster"].sockets[0].getsockname()[1]
-        try:
+        async with serving(handler) as (_, port):
             conn = await connect(port)
             with pytest.raises((ConnectionResetError, RemoteProtocolError)):
                 await asyncio.wait_for(conn.call("short", {}), 10)  # not a wait for ever
@@ -824,8 +817,6 @@ def test_a_piped_answer_whose_pipe_holds_too_little_ends_the_connection_not_the_
             _, data = await other.call("whole", {})
             assert bytes(data) == b"x" * 1000
             other.close()
-        finally:
-            srv.close()
         assert pool_is_clean()
 
     run(loop_factory, main(), timeout_s=60)

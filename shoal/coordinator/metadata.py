@@ -16,9 +16,10 @@ Revocation protocol (DESIGN §3 "Maps"), for every op that moves or frees a file
     bump map_version to v
     revoke(holder, ino, v) for every holder but the requester, all at once,
         each within settings.revoke_timeout_s
-    any not acknowledged in time -> on_unresponsive(holder) for each; the op fails with
-        RevokeFailed ("in-use") and frees NOTHING; the silent holder stays registered
-        (the agent fences it, then calls forget_node)
+    any not acknowledged in time -> on_unresponsive(holder) for each; NOTHING is freed;
+        the silent holder stays registered (the agent fences it, then calls
+        forget_node). ``resize`` and ``remove`` fail with RevokeFailed ("in-use");
+        ``trim`` succeeds having freed nothing (a hint); ``zero`` writes zeros in place
     all acknowledged -> drop those holders; free (the Volume transaction)    <- commit point
     release the file's lock
 
@@ -364,19 +365,31 @@ class MetadataService:
             return await self._hand_out(node, ino)
 
     async def trim(self, node: str, ino: int, offset: int, length: int) -> dict[str, Any]:
-        """Free the whole units inside the range (TRIM); partial units stay."""
-        return await self._freeing(node, ino, offset, length, lambda f: f.discard(offset, length))
+        """Free the whole units inside the range (TRIM); partial units stay. When a
+        holder does not give up its map, nothing is freed and the trim still succeeds:
+        a trim is a hint (NBD lets a server ignore it)."""
+        return await self._freeing("trim", node, ino, offset, length, lambda f: f.discard(offset, length),
+                                   instead=lambda f: None)
 
     async def zero(self, node: str, ino: int, offset: int, length: int) -> dict[str, Any]:
-        """Make the range read as zeros; whole units in it become holes (thin files)."""
-        return await self._freeing(node, ino, offset, length, lambda f: f.write_zeroes(offset, length))
+        """Make the range read as zeros; whole units in it become holes (thin files).
+        When a holder does not give up its map, zeros are written in place instead
+        (nothing is freed, so every map stays true)."""
+        return await self._freeing("zero", node, ino, offset, length, lambda f: f.write_zeroes(offset, length),
+                                   instead=lambda f: f.write_zeroes(offset, length, free=False))
 
-    async def _freeing(self, node: str, ino: int, offset: int, length: int,
-                       action: Callable[[VolumeFile], None]) -> dict[str, Any]:
+    async def _freeing(self, op: str, node: str, ino: int, offset: int, length: int,
+                       action: Callable[[VolumeFile], None], instead: Callable[[VolumeFile], None]) -> dict[str, Any]:
+        """``action`` frees units, after the other holders gave up their maps; if one
+        does not (RevokeFailed: the agent fences it), ``instead``, which frees nothing."""
         _ints(ino=ino, offset=offset, length=length)
         async with self._lock(ino):
             if await self._run(lambda: _frees_units(self._file(ino), offset, length)):
-                await self._revoke_holders(node, ino)
+                try:
+                    await self._revoke_holders(node, ino)
+                except RevokeFailed as err:
+                    log.warning("%s of file %d at %d+%d: %s; done without freeing", op, ino, offset, length, err)
+                    action = instead
             await self._run(lambda: action(self._file(ino)))
             return await self._hand_out(node, ino)
 

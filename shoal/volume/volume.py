@@ -804,8 +804,9 @@ class VolumeFile:
             ticket = self.vol._log([ops.Unmap(self.ino, first, count)])
         self.vol._wait(ticket)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make the range read as zeros; whole units in it become holes (thick files keep them)."""
+    def write_zeroes(self, offset: int, length: int, *, free: bool = True) -> None:
+        """Make the range read as zeros; whole units in it become holes (thick files
+        keep them, and so does ``free=False``: zeros are written in place)."""
         self.vol._check_writable()
         if length == 0:
             return
@@ -818,7 +819,7 @@ class VolumeFile:
                 thick = bool(self._node().flags & ops.PREALLOCATED)
                 segs = self._segments(offset, length)
             first, end = -(-offset // U), (offset + length) // U
-            if not thick and end > first:
+            if not thick and free and end > first:
                 self._free_units(first, end - first)
                 with self.vol._lock:
                     segs = self._segments(offset, length)

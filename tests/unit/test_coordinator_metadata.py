@@ -276,18 +276,47 @@ def test_an_unresponsive_holder_fails_the_free_and_nothing_is_freed(image: str) 
         c.hang.add("n2")
         before = (await c.nodes["n1"].stat("/f"))["allocated"]
         with pytest.raises(MetadataError) as err:
-            await c.nodes["n1"].trim(ino, 0, 8 * U)
+            await c.nodes["n1"].resize(ino, U)
         assert err.value.code == "in-use"
         assert "n2 did not give up its map" in str(err.value) and "nothing was freed" in str(err.value)
         assert c.unresponsive == ["n2"]
         assert c.transactions() == []
+        assert (await c.nodes["n1"].stat("/f"))["size"] == 8 * U
         assert (await c.nodes["n1"].stat("/f"))["allocated"] == before
         assert set(c.service.holders[ino]) == {"n2"}  # n3 acknowledged; n2 still holds its map
         # the agent fences n2 and forgets its maps; then the free goes through
         c.service.forget_node("n2")
         c.events.clear()
-        await c.nodes["n1"].trim(ino, 0, 8 * U)
-        assert c.transactions() == ["log Unmap"]
+        await c.nodes["n1"].resize(ino, U)
+        assert c.transactions() == ["log SetSize"]
+
+    run(scenario, image, revoke_timeout_s=0.3)
+    assert_fsck_clean(image)
+
+
+def test_with_an_unresponsive_holder_trim_frees_nothing_and_zero_writes_zeros_in_place(image: str) -> None:
+    """A client's TRIM and WRITE_ZEROES do not fail because another node went silent:
+    the trim, a hint, frees nothing; the zeroing writes zeros into the mapped units, so
+    the silent node's map stays true."""
+    async def scenario(c: Cluster) -> None:
+        ino = await _two_holders(c)
+        c.hang.add("n2")
+        stale = c.nodes["n2"].lookup(ino, 0, 8 * U)
+        before = (await c.nodes["n1"].stat("/f"))["allocated"]
+        content = c.read_by_coordinator("/f", 0, 8 * U)
+        await c.nodes["n1"].trim(ino, 0, 4 * U)
+        assert c.unresponsive == ["n2"] and c.transactions() == []
+        assert (await c.nodes["n1"].stat("/f"))["allocated"] == before
+        m = await c.nodes["n1"].zero(ino, U - 7, 2 * U)
+        assert c.unresponsive == ["n2", "n2"] and c.transactions() == []
+        assert (await c.nodes["n1"].stat("/f"))["allocated"] == before
+        assert m.segments(0, 8 * U) == stale  # nothing moved: the silent node's map is still true
+        units = [(lun, n) for _, lun, n in stale if lun is not None]
+        assert len(units) == len(stale)
+        # the range reads as zeros, through the silent node's map too; nothing else changed
+        want = content[: U - 7] + bytes(2 * U) + content[3 * U - 7 :]
+        assert c.read_by_coordinator("/f", 0, 8 * U) == want
+        assert b"".join(os.pread(c.fd, n, lun) for lun, n in units) == want
 
     run(scenario, image, revoke_timeout_s=0.3)
     assert_fsck_clean(image)

@@ -84,6 +84,9 @@ REVOKE_LANE = IO_LANES + 2
 LONG_LANE = IO_LANES + 3
 #: VM requests between agents (migration steps, status)
 VM_LANE = IO_LANES + 4
+#: the liveness slot's I/O when it goes through the coordinator (redirected): on a
+#: connection of its own, so a renewal never waits behind block I/O
+LEASE_LANE = IO_LANES + 5
 
 
 class GapAwareRenewer(LivenessRenewer):
@@ -176,6 +179,11 @@ class VolumeRuntime:
         self.router = BlockRouter(self.path, redirect=self._redirect, direct_allowed=self._direct_allowed,
                                   on_path_failed=self._path_failed, counters=self.counters,
                                   start_redirected_read=self._start_redirected_read)
+        # liveness slot writes: direct whenever the path is up (a fenced node's key is
+        # preempted, so the target refuses them), else through the coordinator on a lane
+        # of their own; on the path's control connection, never behind data
+        self.lease_router = BlockRouter(self.path, redirect=self._redirect_lease, direct_allowed=lambda: True,
+                                        on_path_failed=self._path_failed, counters=Counters(), control=True)
         self.maps = MapCache(self._meta_call)
         self.exports = FileExports(self)
         self.executor = ThreadPoolExecutor(6, thread_name_prefix=f"vol-{self.name}")
@@ -318,12 +326,8 @@ class VolumeRuntime:
         sb = self.sb
         self.routed = LunDevice(self.router, self.loop, size=sb.volume_size, name=f"{self.name} (routed)",
                                 timeout_s=COORDINATOR_WAIT_S)
-        # liveness slot writes: direct whenever the path is up (a fenced node's key is
-        # preempted, so the target refuses them), else through the coordinator; bounded
-        # by 2T so a renewal never hangs the renewer
-        lease_router = BlockRouter(self.path, redirect=self._redirect, direct_allowed=lambda: True,
-                                   on_path_failed=self._path_failed, counters=Counters(), control=True)
-        self.lease_dev = lease_dev = LunDevice(lease_router, self.loop, size=sb.volume_size, name=f"{self.name} (lease)",
+        # bounded by 2T so a renewal never hangs the renewer
+        self.lease_dev = lease_dev = LunDevice(self.lease_router, self.loop, size=sb.volume_size, name=f"{self.name} (lease)",
                               timeout_s=2 * self.io_timeout_s)
         self.direct_dev = LunDevice(DirectIO(self.path), self.loop, size=sb.volume_size, name=str(self.address),
                                     timeout_s=4 * self.io_timeout_s)
@@ -496,8 +500,10 @@ class VolumeRuntime:
 
     # ---- requests that need the coordinator ----------------------------------------------
 
-    async def call_coordinator(self, op: str, args: dict[str, Any], payload: bytes = b"") -> tuple[Any, bytes]:
-        """Send ``op`` to the coordinator, waiting (``paused``) while there is none."""
+    async def call_coordinator(self, op: str, args: dict[str, Any], payload: bytes = b"", *,
+                               lane: int | None = None) -> tuple[Any, bytes]:
+        """Send ``op`` to the coordinator, waiting (``paused``) while there is none; on
+        ``lane``, or the one :meth:`_lane` picks."""
         args = {**args, "volume": self.name, "gen": self.generation}
         while True:
             coord = await self._wait_for_coordinator()
@@ -507,9 +513,9 @@ class VolumeRuntime:
                 assert not isinstance(answer, Piped), "only another node's reads are piped"
                 data = answer
             else:
-                lane = self._lane(op)
+                on = self._lane(op) if lane is None else lane
                 try:
-                    result, data, _ = await self.agent.call_peer(coord, op, args, payload, lane=lane)
+                    result, data, _ = await self.agent.call_peer(coord, op, args, payload, lane=on)
                 except NetftError as err:
                     if self.coordinator == coord:
                         self.coordinator_reachable = False
@@ -517,8 +523,8 @@ class VolumeRuntime:
                     await asyncio.sleep(self.io_timeout_s / 4)
                     continue
                 finally:
-                    if lane != META_LANE:
-                        self._lane_calls[lane - 1] -= 1
+                    if lane is None and on <= IO_LANES:
+                        self._lane_calls[on - 1] -= 1
             if isinstance(result, dict) and result.get("error") == "fenced":
                 await self._fenced(str(result.get("message")))
                 raise Fenced(str(result.get("message")))
@@ -548,12 +554,16 @@ class VolumeRuntime:
         result, _ = await self.call_coordinator("csv.meta", {"op": op, "args": args})
         return result
 
-    async def _redirect(self, kind: str, offset: int, length: int, payload: bytes) -> bytes:
+    async def _redirect(self, kind: str, offset: int, length: int, payload: bytes, lane: int | None = None) -> bytes:
         result, data = await self.call_coordinator(
-            "csv.io", {"kind": kind, "offset": offset, "length": length, "key": self.failed_key}, payload)
+            "csv.io", {"kind": kind, "offset": offset, "length": length, "key": self.failed_key}, payload, lane=lane)
         if isinstance(result, dict) and "error" in result:
             raise MetadataError(str(result.get("message")), code=str(result["error"]))
         return data
+
+    async def _redirect_lease(self, kind: str, offset: int, length: int, payload: bytes) -> bytes:
+        """The liveness slot's I/O through the coordinator, on its own lane."""
+        return await self._redirect(kind, offset, length, payload, lane=LEASE_LANE)
 
     def _start_redirected_read(self, offset: int, length: int, done: ReadDone) -> bool:
         """A redirected read sent now, from a callback (no task): when the coordinator is

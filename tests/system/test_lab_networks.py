@@ -155,15 +155,17 @@ def test_all_links_down_kill_freeze(lab3: tuple[Lab, LabState]) -> None:
         lab.signal_node("node3", signal.SIGCONT)
     took = wait_for(lambda: seen("up"), 10, "node3 up after thaw")
     print(f"thaw: node3 up after {took:.2f} s")
-    path = ["up"]
+    path, trail = ["up"], []
     for e in events(st, "node1"):
         if e["kind"] == "node" and e["node"] == "node3":
             path.append(e["new"])
+            trail.append({k: v for k, v in e.items() if k not in ("kind", "node", "time")})
     # a node coming back renews its disk slot before its links pass hysteresis, so it may
     # show "isolated" between "down" and "up": that is the truth, not a flap
     squeezed = [s for i, s in enumerate(path)
                 if not (s == "isolated" and 0 < i < len(path) - 1 and path[i - 1] == "down" and path[i + 1] == "up")]
-    assert squeezed[-7:] == ["up", cut, "up", "down", "up", "down", "up"], path
+    assert squeezed[-7:] == ["up", cut, "up", "down", "up", "down", "up"], \
+        f"node1 saw node3 go {path}; its events, on the agents' monotonic clock (the freeze began at {t0:.2f}): {trail}"
 
 
 def test_wrong_secret_is_refused_and_says_why(lab3: tuple[Lab, LabState], tmp_path: Path) -> None:

@@ -351,7 +351,7 @@ class CoordinatorRole:
             return
         fresh_s = 3 * rt.io_timeout_s
         for node, slot, dead in judged:
-            rt.agent.set_disk_alive(node, watcher.advancing(rt.node_id_of(node), fresh_s))
+            rt.agent.set_disk_alive(node, watcher.fresh_until(rt.node_id_of(node), fresh_s))
             if dead and slot.generation > 0:
                 await self.fence(node, slot.generation, "its liveness slot stopped advancing for 8 I/O timeouts")
 

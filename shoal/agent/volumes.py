@@ -453,13 +453,12 @@ class VolumeRuntime:
         peers = [(p.name, p.id) for p in self.agent.peers]
         fresh_s = 3 * self.io_timeout_s
         try:
-            judged = await self.run_lease(
-                lambda: [(n, watcher.poll(i) and watcher.advancing(i, fresh_s)) for n, i in peers])
+            judged = await self.run_lease(lambda: [(n, _poll_fresh(watcher, i, fresh_s)) for n, i in peers])
         except DeviceError:
             self._watcher = None  # judge nobody by time we could not see
             return
-        for node, alive in judged:
-            self.agent.set_disk_alive(node, bool(alive))
+        for node, until in judged:
+            self.agent.set_disk_alive(node, until)
 
     async def _serving(self, node: str) -> bool:
         """Does ``node`` say it serves the volume? (asked at most every T)"""
@@ -717,3 +716,9 @@ class VolumeRuntime:
             if won:
                 self.role = role_cls(self)
                 await self.role.become(previous=lease)
+
+
+def _poll_fresh(watcher: SlotWatcher, node_id: int, within_s: float) -> float:
+    """Read a peer's slot now; until when it counts as advancing (SlotWatcher.fresh_until)."""
+    watcher.poll(node_id)
+    return watcher.fresh_until(node_id, within_s)

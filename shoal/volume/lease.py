@@ -279,8 +279,13 @@ class SlotWatcher:
 
     def advancing(self, node_id: int, within_s: float) -> bool:
         """The slot changed, and its last change was seen less than ``within_s`` ago."""
+        return self.clock() < self.fresh_until(node_id, within_s)
+
+    def fresh_until(self, node_id: int, within_s: float) -> float:
+        """Until when (on our clock) the slot counts as advancing: ``within_s`` after its
+        last change was seen; 0.0 if it never changed while we watched."""
         seen = self._seen.get(node_id)
-        return seen is not None and seen.changes > 0 and self.clock() - seen.changed_at < within_s
+        return seen.changed_at + within_s if seen is not None and seen.changes > 0 else 0.0
 
     def dead(self, node_id: int) -> bool:
         """Unchanged for 8T since we first looked, or released cleanly."""

@@ -1,14 +1,17 @@
-"""The agent's configuration order (pure) and its connection pool after a cut-off call."""
+"""The agent's configuration order (pure), its connection pool after a cut-off call, and
+how disk liveness feeds its membership."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 from shoal.agent.agent import NodeAgent, config_order, is_newer
 from shoal.config.cli import make_config, write_secret
 from shoal.config.model import write_config
+from shoal.membership import NodeState
 from shoal.netft.links import LinkState
 
 NETS_A = [{"name": "cluster", "subnet": "198.18.1.0/24", "role": "cluster", "metric": "auto"},
@@ -73,5 +76,44 @@ def test_call_peer_replaces_a_connection_cut_off_mid_call(tmp_path: Path) -> Non
             for c in a1.conns.values():
                 c.close()
             a2.channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_slot_judged_alive_counts_only_until_its_deadline(tmp_path: Path) -> None:
+    """Disk liveness is a deadline, not the last judgement: a peer whose heartbeats stop
+    after its slot was last seen changing long enough ago is ``down``, even when no
+    volume has judged its slot since (a loaded machine runs the judge late)."""
+    cfg = make_config("pool", 2, run_dir=str(tmp_path / "run"), base="127.77.0.0")
+    write_secret(tmp_path / "cluster.secret")
+    write_config(cfg, tmp_path / "cluster.toml")
+
+    def links(agent: NodeAgent, state: LinkState) -> None:
+        for n in agent.metrics:
+            agent.links[("node2", n)] = (state, None)
+        agent._reevaluate("node2")
+
+    async def main() -> None:
+        a1 = NodeAgent(tmp_path / "cluster.toml", "node1")
+        links(a1, LinkState.UP)
+        assert a1.membership.state("node2") is NodeState.UP
+        a1.set_disk_alive("node2", time.monotonic() + 30)
+        links(a1, LinkState.DOWN)
+        assert a1.membership.state("node2") is NodeState.ISOLATED
+        # the judge runs again with the same last change, now too old: down
+        a1.set_disk_alive("node2", time.monotonic() - 0.01)
+        assert a1.membership.state("node2") is NodeState.DOWN
+        a1.set_disk_alive("node2", time.monotonic() + 30)  # it advances again
+        assert a1.membership.state("node2") is NodeState.ISOLATED
+        links(a1, LinkState.UP)
+        # judged alive for a short while only; its heartbeats stop after that, before
+        # any new judgement
+        a1.set_disk_alive("node2", time.monotonic() + 0.05)
+        await asyncio.sleep(0.1)
+        links(a1, LinkState.DOWN)
+        assert a1.membership.state("node2") is NodeState.DOWN
+        # and a judgement with that same deadline changes nothing
+        a1.set_disk_alive("node2", a1.disk_alive["node2"])
+        assert a1.membership.state("node2") is NodeState.DOWN
 
     asyncio.run(main())

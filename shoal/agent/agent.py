@@ -113,10 +113,9 @@ class NodeAgent:
         self.blocked: set[str] = set()
         self.conns: dict[tuple[str, str, int], Connection] = {}
         self.volumes: dict[str, VolumeRuntime] = {}
-        #: peer -> its liveness slot on a shared volume advances (None: not known)
-        #: per peer, until when its liveness slot counts as advancing (set_disk_alive)
+        #: per peer, until when its liveness slot on a shared volume counts as advancing
+        #: (set_disk_alive; absent: not known)
         self.disk_alive: dict[str, float] = {}
-        self._disk_told: dict[str, bool | None] = {}  # what membership last heard of it
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.channel = ChannelServer(self.cfg.name, node, self.ch_key, self._peer_request,
                                      pipe_payload=volume_ops.pipe_payload)
@@ -313,19 +312,15 @@ class NodeAgent:
                 peer, old.internal, new.internal, old.migration, new.migration,
             )
             self.event("route", peer=peer, internal=new.internal, migration=new.migration)
-        self._judge_member(peer, up)
+        self.membership.update(peer, any(up.values()), disk_alive=self._disk_alive(peer))
 
     def set_disk_alive(self, peer: str, until: float) -> None:
         """A volume judged ``peer``'s liveness slot: it counts as advancing until
         ``until`` (monotonic clock; SlotWatcher.fresh_until). Re-judge its membership
-        when that changes what membership was last told."""
+        (a state it already has changes nothing)."""
         self.disk_alive[peer] = until
-        if self._disk_alive(peer) != self._disk_told.get(peer):
-            self._judge_member(peer, self._peer_up_map(peer))
-
-    def _judge_member(self, peer: str, up: dict[str, bool]) -> None:
-        alive = self._disk_told[peer] = self._disk_alive(peer)
-        self.membership.update(peer, any(up.values()), disk_alive=alive)
+        up = self._peer_up_map(peer)
+        self.membership.update(peer, any(up.values()), disk_alive=self._disk_alive(peer))
 
     def _disk_alive(self, peer: str) -> bool | None:
         """Is ``peer``'s slot advancing now? None if no volume judged it. A deadline, not

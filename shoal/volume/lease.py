@@ -277,10 +277,6 @@ class SlotWatcher:
         seen = self._seen.get(node_id)
         return seen is not None and seen.changes > 0
 
-    def advancing(self, node_id: int, within_s: float) -> bool:
-        """The slot changed, and its last change was seen less than ``within_s`` ago."""
-        return self.clock() < self.fresh_until(node_id, within_s)
-
     def fresh_until(self, node_id: int, within_s: float) -> float:
         """Until when (on our clock) the slot counts as advancing: ``within_s`` after its
         last change was seen; 0.0 if it never changed while we watched."""
